@@ -1,0 +1,164 @@
+"""Datasets for TRM: the on-disk format, epochs over augmentation groups, batching, augmentation helpers.
+
+A dataset is a set of fixed-length token sequences (inputs and labels, both [N, L]) grouped by puzzle:
+every row of a group is one augmentation of the same puzzle. An epoch draws one row per group, in a
+random order, as the reference does. Token 0 is padding everywhere and is never a training target.
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PAD = 0
+# Dihedral transforms of a grid: 0 identity, 1 rot90, 2 rot180, 3 rot270, 4 flip left-right,
+# 5 flip up-down, 6 transpose, 7 anti-transpose. rot90 and rot270 undo each other; the rest are involutions.
+DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
+
+
+class DataError(ValueError):
+    """Bad input data: the message is one sentence naming the file, row or value and what was expected."""
+
+
+def dihedral(grid, k):
+    """Apply dihedral transform k to the last two axes of a numpy array [..., H, W]."""
+    if k == 0:
+        return grid
+    if k in (1, 2, 3):
+        return np.rot90(grid, k, axes=(-2, -1))
+    if k == 4:
+        return grid[..., :, ::-1]
+    if k == 5:
+        return grid[..., ::-1, :]
+    if k == 6:
+        return np.swapaxes(grid, -1, -2)
+    if k == 7:
+        return np.rot90(np.swapaxes(grid, -1, -2), 2, axes=(-2, -1))
+    raise ValueError(f"dihedral transform {k} is not one of 0-7")
+
+
+def inverse_dihedral(grid, k):
+    return dihedral(grid, DIHEDRAL_INVERSE[k])
+
+
+def permute_tokens(tokens, perm):
+    """Relabel tokens through a lookup table: tokens t becomes perm[t] (colour or digit permutation)."""
+    return np.asarray(perm, dtype=tokens.dtype)[tokens]
+
+
+@dataclass
+class Dataset:
+    inputs: np.ndarray        # [N, L] uint8 tokens
+    labels: np.ndarray        # [N, L] uint8 tokens, PAD where there is nothing to predict
+    puzzle_ids: np.ndarray    # [N] int32, row of the puzzle-embedding table (0 for tasks with one shared id)
+    group_starts: np.ndarray  # [G + 1] int64, rows group_starts[g]:group_starts[g+1] are augmentations of puzzle g
+    vocab_size: int
+    num_puzzle_ids: int
+
+    def __post_init__(self):
+        n, L = self.inputs.shape
+        if self.labels.shape != (n, L) or self.puzzle_ids.shape != (n,):
+            raise DataError(f"dataset arrays disagree: inputs {self.inputs.shape}, labels {self.labels.shape}, "
+                            f"puzzle_ids {self.puzzle_ids.shape}; expected [N, L], [N, L] and [N]")
+        if self.group_starts[0] != 0 or self.group_starts[-1] != n or np.any(np.diff(self.group_starts) <= 0):
+            raise DataError(f"dataset groups do not tile its {n} rows; expected increasing offsets from 0 to {n}")
+
+    @classmethod
+    def ungrouped(cls, inputs, labels, vocab_size):
+        """One row per puzzle, one shared puzzle id: test sets, and tasks with no puzzle-id embedding."""
+        n = len(inputs)
+        return cls(inputs, labels, np.zeros(n, np.int32), np.arange(n + 1, dtype=np.int64), vocab_size, 1)
+
+    @property
+    def seq_len(self):
+        return self.inputs.shape[1]
+
+    @property
+    def num_groups(self):
+        return len(self.group_starts) - 1
+
+    def save(self, path):
+        """Write the arrays and a meta.json into the folder path; meta.json is written last, so a folder
+        without it is an unfinished build."""
+        os.makedirs(path, exist_ok=True)
+        for name in ("inputs", "labels", "puzzle_ids", "group_starts"):
+            np.save(os.path.join(path, name + ".npy"), getattr(self, name))
+        meta = dict(vocab_size=self.vocab_size, num_puzzle_ids=self.num_puzzle_ids,
+                    rows=len(self.inputs), seq_len=self.seq_len, groups=self.num_groups)
+        with open(os.path.join(path, "meta.json.tmp"), "w") as f:
+            json.dump(meta, f)
+        os.replace(os.path.join(path, "meta.json.tmp"), os.path.join(path, "meta.json"))
+
+    @classmethod
+    def load(cls, path):
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.exists(meta_path):
+            raise DataError(f"{path} holds no finished dataset (meta.json is missing)")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        arrays = {name: np.load(os.path.join(path, name + ".npy"))
+                  for name in ("inputs", "labels", "puzzle_ids", "group_starts")}
+        return cls(vocab_size=meta["vocab_size"], num_puzzle_ids=meta["num_puzzle_ids"], **arrays)
+
+
+def epoch_rows(ds, seed, epoch):
+    """The rows of one epoch: one random augmentation of every group, groups in random order.
+    Depends only on (seed, epoch), so a resumed run replays the same order."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(ds.num_groups)
+    sizes = np.diff(ds.group_starts)[order]
+    return ds.group_starts[order] + (rng.random(len(order)) * sizes).astype(np.int64)
+
+
+class Batches:
+    """An endless stream of training batches that crosses epoch boundaries. Its whole state is
+    (epoch, position), so it resumes exactly from a checkpoint."""
+
+    def __init__(self, ds, batch_size, seed, device):
+        if not 1 <= batch_size <= len(ds.inputs):
+            raise DataError(f"batch size {batch_size} does not fit a dataset of {len(ds.inputs)} rows; "
+                            f"expected 1 to {len(ds.inputs)}")
+        self.ds, self.batch_size, self.seed, self.device = ds, batch_size, seed, device
+        self.epoch, self.pos = 0, 0
+        self._rows = epoch_rows(ds, seed, 0)
+
+    def state_dict(self):
+        return dict(epoch=self.epoch, pos=self.pos)
+
+    def load_state_dict(self, state):
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._rows = epoch_rows(self.ds, self.seed, self.epoch)
+
+    @property
+    def epochs_done(self):
+        return self.epoch + self.pos / len(self._rows)
+
+    def __next__(self):
+        take = []
+        need = self.batch_size
+        while need > 0:
+            chunk = self._rows[self.pos:self.pos + need]
+            take.append(chunk)
+            need -= len(chunk)
+            self.pos += len(chunk)
+            if self.pos == len(self._rows):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._rows = epoch_rows(self.ds, self.seed, self.epoch)
+        return to_device(self.ds, np.concatenate(take), self.device)
+
+
+def to_device(ds, rows, device):
+    """A batch as tensors: inputs/labels [B, L] int64, puzzle_ids [B] int64."""
+    return dict(
+        inputs=torch.from_numpy(ds.inputs[rows].astype(np.int64)).to(device, non_blocking=True),
+        labels=torch.from_numpy(ds.labels[rows].astype(np.int64)).to(device, non_blocking=True),
+        puzzle_ids=torch.from_numpy(ds.puzzle_ids[rows].astype(np.int64)).to(device, non_blocking=True),
+    )
+
+
+def eval_batches(ds, batch_size, device, limit=None):
+    """Every row of ds once, in order (the test set is evaluated on all its rows, augmentations included)."""
+    n = len(ds.inputs) if limit is None else min(limit, len(ds.inputs))
+    for start in range(0, n, batch_size):
+        yield to_device(ds, np.arange(start, min(start + batch_size, n)), device)

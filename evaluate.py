@@ -1,0 +1,171 @@
+"""Evaluate a trained TRM: accuracy after every supervision step (test-time depth), plots, one-puzzle solving.
+
+    python evaluate.py --checkpoint out/sudoku-cpu/ckpt_00004000.pt [--steps 32] [--limit 1000]
+    python evaluate.py --checkpoint CKPT --solve "<81 characters>"
+"""
+import argparse
+import dataclasses
+import importlib
+import os
+import sys
+
+import numpy as np
+import torch
+
+from data import Dataset, DataError, eval_batches
+from model import TRM, TRMConfig, from_reference_state_dict
+
+
+@torch.no_grad()
+def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None, keep_preds=False):
+    """Run every test puzzle for N supervision steps (no halting) and score the answer after each step.
+    Returns one dict per step: exact (whole answer right), token (share of labelled tokens right), count,
+    valid (share the task's checker accepts, when it has one), and with keep_preds the predictions."""
+    model.eval()
+    exact, token, valid = np.zeros(N), np.zeros(N), np.zeros(N)
+    tokens = count = 0
+    preds_all = [[] for _ in range(N)] if keep_preds else None
+    for batch in eval_batches(ds, batch_size, device, limit):
+        inputs, labels = batch["inputs"], batch["labels"]
+        mask = labels != 0
+        y, z = model.initial_state(inputs.shape[0])
+        puzzle_rows = model.puzzle_emb[batch["puzzle_ids"]]
+        for k in range(N):
+            with autocast:
+                (y, z), logits, _ = model(inputs, puzzle_rows, y, z)
+            preds = logits.argmax(-1)
+            right = (preds == labels) & mask
+            exact[k] += (right | ~mask).all(-1).sum().item()
+            token[k] += right.sum().item()
+            if check is not None:
+                valid[k] += check(inputs.cpu().numpy(), preds.cpu().numpy()).sum()
+            if keep_preds:
+                preds_all[k].append(preds.cpu().numpy())
+        tokens += mask.sum().item()
+        count += inputs.shape[0]
+    results = []
+    for k in range(N):
+        r = dict(step=k + 1, exact=exact[k] / count, token=token[k] / max(tokens, 1), count=count)
+        if check is not None:
+            r["valid"] = valid[k] / count
+        if keep_preds:
+            r["preds"] = np.concatenate(preds_all[k])
+        results.append(r)
+    return results
+
+
+def plot(results, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    steps = [r["step"] for r in results]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in ("exact", "token", "valid"):
+        if key in results[0]:
+            ax.plot(steps, [100 * r[key] for r in results], marker=".", label=key)
+    ax.set_xlabel("supervision step")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def reference_config(sd, task):
+    """A TRMConfig for a reference checkpoint, read off its tensor shapes; n and T are the paper's for the task."""
+    V, D = sd["embed_tokens.weight"].shape
+    n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    mlp_t = "blocks.0.token_mlp.gate_up.weight" in sd
+    seq_len = {"sudoku": 81, "maze": 900, "arc": 900}[task]
+    return TRMConfig(vocab_size=V, seq_len=seq_len, d_model=D, n_layers=n_layers, mlp_t=mlp_t, rope=not mlp_t,
+                     num_puzzle_ids=sd["puzzle_emb"].shape[0], n=6 if task == "sudoku" else 4, T=3, N_sup=16)
+
+
+def load_for_eval(path, task=None):
+    """Our checkpoint (EMA weights) or a reference state_dict. Returns (model, train config dict, model config)."""
+    from train import load_checkpoint, TrainConfig
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise DataError(f"checkpoint {path} does not exist") from None
+    except Exception as e:
+        raise DataError(f"checkpoint {path} could not be read ({type(e).__name__}); it is truncated or not a checkpoint") from None
+    if isinstance(raw, dict) and any(k.removeprefix("_orig_mod.").startswith("inner.") for k in raw):
+        task = task or "sudoku"
+        sd = from_reference_state_dict(raw)
+        mcfg = reference_config(sd, task)
+        tcfg = dataclasses.asdict(TrainConfig(task=task, preset="paper", data="hub"))
+    else:
+        state = load_checkpoint(path)
+        mcfg, tcfg = TRMConfig(**state["model_config"]), state["train_config"]
+        sd = {**state["model"], **state["ema"]}   # EMA parameters, the live puzzle-embedding buffer
+        sd["puzzle_emb"] = state["model"]["puzzle_emb"]
+    model = TRM(mcfg)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
+        raise DataError(f"checkpoint {path} does not fit its own model config: {first}") from None
+    return model.eval(), tcfg, mcfg
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a TRM checkpoint after every supervision step.")
+    p.add_argument("--checkpoint", required=True, help="our ckpt_*.pt, or a reference state_dict")
+    p.add_argument("--task", default=None, help="for a reference checkpoint: sudoku, maze or arc")
+    p.add_argument("--steps", type=int, default=0, help="supervision steps at test time (default: the training N_sup)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first K test puzzles")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--data", default=None, help="override the test data source (generate, hub, or a path)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    p.add_argument("--out", default=None, help="folder for the table, plot and pictures (default: the checkpoint's)")
+    p.add_argument("--solve", default=None, help="solve one puzzle given as a string (sudoku: 81 characters)")
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(args):
+    from train import TrainConfig, setup_runtime
+    model, tcfg_dict, mcfg = load_for_eval(args.checkpoint, args.task)
+    tcfg = TrainConfig(**{**tcfg_dict, "dtype": args.dtype, **({"data": args.data} if args.data else {})})
+    task = importlib.import_module(tcfg.task)
+    device, _, _, autocast = setup_runtime(tcfg)
+    model.to(device)
+    N = args.steps or mcfg.N_sup
+    if N < 1 or args.limit < 0 or args.batch_size < 1:
+        raise DataError("--steps, --limit and --batch-size must be positive whole numbers")
+    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    os.makedirs(out, exist_ok=True)
+
+    if args.solve is not None:
+        inputs, labels = task.parse_solve(args.solve, mcfg)
+        ds = Dataset.ungrouped(inputs, labels, mcfg.vocab_size)
+        res = evaluate(model, ds, N, 1, device, autocast, keep_preds=True)
+        steps = [r["preds"][0] for r in res]
+        print(task.describe_solution(inputs, steps[-1]))
+        path = task.draw_steps(inputs, labels, steps, os.path.join(out, f"{tcfg.task}_solve.png"))
+        print(f"picture: {path}")
+        return
+
+    _, test_ds = task.build_datasets(tcfg, splits=("test",))
+    res = evaluate(model, test_ds, N, args.batch_size, device, autocast, limit=args.limit or None,
+                   check=getattr(task, "check", None))
+    has_valid = "valid" in res[0]
+    print(f"{res[0]['count']} test puzzles, {N} supervision steps (trained with N_sup {mcfg.N_sup})")
+    print("step   exact   token" + ("   valid" if has_valid else ""))
+    for r in res:
+        print(f"{r['step']:>4} {100 * r['exact']:6.2f}% {100 * r['token']:6.2f}%" + (f" {100 * r['valid']:6.2f}%" if has_valid else ""))
+    path = plot(res, os.path.join(out, f"{tcfg.task}_accuracy_by_step.png"),
+                f"{tcfg.task}: accuracy by supervision step (trained N_sup={mcfg.N_sup})")
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()

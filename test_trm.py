@@ -1,0 +1,300 @@
+"""Tests for the TRM reimplementation: `pytest test_trm.py`.
+
+The gradient boundaries come first and are judged by what autograd does: which tensors carry a graph,
+which calls of the net receive gradient, and whether a supervision step's gradient reaches the previous one.
+"""
+import contextlib
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import evaluate
+import model as trm
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NO_AUTOCAST = contextlib.nullcontext()
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=11, seq_len=81, d_model=32, n_heads=4, n=2, T=3, N_sup=4, puzzle_emb_len=4)
+    cfg.update(kw)
+    return trm.TRM(trm.TRMConfig(**cfg))
+
+
+def tiny_batch(model, B=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L, V = model.cfg.seq_len, model.cfg.vocab_size
+    return dict(inputs=torch.randint(1, V, (B, L), generator=g), labels=torch.randint(1, V, (B, L), generator=g),
+                puzzle_ids=torch.zeros(B, dtype=torch.long))
+
+
+def record_net_calls(model):
+    """Wrap the instance's net so every call's output is kept, in call order."""
+    calls, net = [], model.net
+    def recording_net(h, injection):
+        out = net(h, injection)
+        calls.append(out)
+        return out
+    model.net = recording_net
+    return calls
+
+
+def step_inputs(model, batch):
+    y, z = model.initial_state(batch["inputs"].shape[0])
+    rows = model.puzzle_emb[batch["puzzle_ids"]]
+    return batch["inputs"], rows, y, z
+
+
+# ------------------------------------------------------------------------------ gradient boundaries
+
+@pytest.mark.parametrize("mlp_t", [True, False])
+def test_refinement_passes_build_no_graph(mlp_t):
+    model = tiny_model(mlp_t=mlp_t, rope=not mlp_t)
+    n, T = model.cfg.n, model.cfg.T
+    calls = record_net_calls(model)
+    (y, z), logits, q = model(*step_inputs(model, tiny_batch(model)))
+    assert len(calls) == T * (n + 1)
+    first = (T - 1) * (n + 1)
+    assert all(c.grad_fn is None and not c.requires_grad for c in calls[:first]), "the T-1 passes built a graph"
+    assert all(c.grad_fn is not None for c in calls[first:]), "the last latent recursion lost its graph"
+    assert not y.requires_grad and not z.requires_grad and y.grad_fn is None and z.grad_fn is None
+    assert logits.grad_fn is not None and q.grad_fn is not None
+
+
+def test_last_recursion_backprops_through_all_n_plus_1_calls():
+    model = tiny_model(n=3, T=2)
+    n = model.cfg.n
+    calls = record_net_calls(model)
+    inputs, rows, y, z = step_inputs(model, tiny_batch(model))
+    _, logits, q = model(inputs, rows, y, z)
+    reached = []
+    for i, c in enumerate(calls):
+        if c.requires_grad:
+            c.register_hook(lambda g, i=i: reached.append((i, g.abs().sum().item())))
+    (logits.float().pow(2).mean() + q.sum()).backward()
+    assert sorted(i for i, _ in reached) == list(range(len(calls) - (n + 1), len(calls)))
+    assert all(mass > 0 for _, mass in reached), "a call of the last recursion got a zero gradient"
+
+
+def hand_unrolled(model, inputs, rows, y, z):
+    """The paper's deep_recursion written out with its own loops, for comparison with the model's."""
+    P, n, T = model.cfg.puzzle_emb_len, model.cfg.n, model.cfg.T
+    x = model.embed_input(inputs, rows)
+    with torch.no_grad():
+        for _ in range(T - 1):
+            for _ in range(n):
+                z = model.net(z, x + y)
+            y = model.net(y, z)
+    for _ in range(n):
+        z = model.net(z, x + y)
+    y = model.net(y, z)
+    return model.output_head(y)[:, P:], model.Q_head(y[:, 0])[:, 0]
+
+
+def test_gradients_match_a_hand_unrolled_recursion():
+    model = tiny_model(n=2, T=3)
+    args = step_inputs(model, tiny_batch(model))
+    params = list(model.parameters())
+    _, logits, q = model(*args)
+    ours = torch.autograd.grad(logits.pow(2).mean() + q.sum(), params, allow_unused=True)
+    logits_ref, q_ref = hand_unrolled(model, *args)
+    ref = torch.autograd.grad(logits_ref.pow(2).mean() + q_ref.sum(), params, allow_unused=True)
+    torch.testing.assert_close(logits, logits_ref)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_no_gradient_crosses_supervision_steps(T):
+    # With T = 1 the carried y, z enter the graph-building recursion directly, so only the .detach() at the
+    # end of deep_recursion keeps step k's gradient out of step k-1; with T > 1 the no_grad passes also do.
+    model = tiny_model(n=2, T=T, N_sup=4)
+    batch = tiny_batch(model)
+    carry = train.initial_carry(model, batch)
+    _, carry, *_ = train.supervision_step(model, carry, batch, 0.0, NO_AUTOCAST)
+    assert not carry["halted"].any(), "the slots must still be in flight for this test to mean anything"
+    params = list(model.parameters())
+    loss, *_ = train.supervision_step(model, carry, batch, 0.0, NO_AUTOCAST)
+    carried = torch.autograd.grad(loss, params, allow_unused=True)
+    # The same step from fresh leaf copies of the carried y, z: no earlier step can contribute.
+    leaf = dict(carry, y=carry["y"].detach().clone().requires_grad_(), z=carry["z"].detach().clone().requires_grad_())
+    loss_leaf, *_ = train.supervision_step(model, leaf, batch, 0.0, NO_AUTOCAST)
+    fresh = torch.autograd.grad(loss_leaf, params + [leaf["y"], leaf["z"]], allow_unused=True)
+    for a, b in zip(carried, fresh):
+        torch.testing.assert_close(a, b)
+    if T == 1:
+        assert fresh[-2].abs().sum() > 0 and fresh[-1].abs().sum() > 0, "the carried y, z should get gradient"
+    else:
+        assert fresh[-2] is None and fresh[-1] is None, "the carried y, z entered a graph-building pass"
+
+
+def test_puzzle_embedding_update_touches_only_rows_in_batch():
+    table = torch.randn(10, 8)
+    before = table.clone()
+    ids = torch.tensor([3, 7, 3])
+    grad = torch.tensor([[1.0] * 8, [-2.0] * 8, [-3.0] * 8])
+    train.puzzle_emb_step(table, ids, grad, lr=0.1, weight_decay=0.5)
+    untouched = [i for i in range(10) if i not in (3, 7)]
+    assert torch.equal(table[untouched], before[untouched])
+    # Row 3 sums its two gradients (1 - 3 = -2, sign -1); decoupled decay, then minus lr * sign.
+    torch.testing.assert_close(table[3], before[3] * (1 - 0.05) + 0.1)
+    torch.testing.assert_close(table[7], before[7] * (1 - 0.05) + 0.1)
+
+
+def test_puzzle_embedding_receives_gradient_through_the_prefix():
+    model = tiny_model()
+    batch = tiny_batch(model)
+    carry = train.initial_carry(model, batch)
+    loss, _, ids, rows, _ = train.supervision_step(model, carry, batch, 0.0, NO_AUTOCAST)
+    loss.backward()
+    assert rows.grad is not None and rows.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------- halting, loss
+
+def test_halt_target_is_whole_answer_exactness():
+    labels = torch.tensor([[2, 3, 4], [2, 3, 4], [2, 3, 0]])
+    pred = torch.tensor([[2, 3, 4], [2, 3, 5], [2, 3, 9]])    # right, one token wrong, wrong only on padding
+    logits = F.one_hot(pred, 11).float() * 10
+    q = torch.tensor([0.3, -1.2, 2.0])
+    _, _, halt_loss, correct = train.deep_supervision_loss(logits, q, labels)
+    assert correct.tolist() == [True, False, True]
+    expected = F.binary_cross_entropy_with_logits(q, torch.tensor([1.0, 0.0, 1.0]), reduction="sum")
+    torch.testing.assert_close(halt_loss, expected)
+
+
+def run_halting(model, steps, exploration, B=64):
+    """Halt step of every slot over `steps` supervision steps (0 = still running)."""
+    batch = tiny_batch(model, B=B)
+    carry = train.initial_carry(model, batch)
+    halted_at = torch.zeros(B, dtype=torch.long)
+    for k in range(1, steps + 1):
+        with torch.no_grad():
+            _, carry, *_ = train.supervision_step(model, carry, batch, exploration, NO_AUTOCAST)
+        newly = carry["halted"] & (halted_at == 0)
+        halted_at[newly] = k
+    return halted_at
+
+
+@pytest.mark.parametrize("bias,expected_step", [(1e-3, 1), (0.0, 4), (-1e-3, 4)])
+def test_halts_when_the_halt_logit_is_positive(bias, expected_step):
+    model = tiny_model(N_sup=4, seq_len=4, n=1, T=1)
+    torch.nn.init.constant_(model.Q_head.bias, bias)
+    assert (run_halting(model, 4, 0.0) == expected_step).all()
+
+
+def test_exploration_enforces_minimum_steps():
+    torch.manual_seed(1)
+    model = tiny_model(N_sup=6, seq_len=4, n=1, T=1)
+    torch.nn.init.constant_(model.Q_head.bias, 10.0)   # the Q head always wants to halt
+    halted_at = run_halting(model, 6, exploration=1.0, B=400)
+    assert halted_at.min() >= 2 and halted_at.max() <= 6
+    assert set(halted_at.tolist()) == {2, 3, 4, 5, 6}
+    halted_at = run_halting(model, 6, exploration=0.1, B=2000)
+    share = (halted_at > 1).float().mean().item()
+    assert 0.06 < share < 0.14, f"{share:.3f} of samples explored, expected about 0.1 * 5/5"
+
+
+def test_evaluation_mode_never_halts_early():
+    model = tiny_model(N_sup=5, seq_len=4, n=1, T=1).eval()
+    torch.nn.init.constant_(model.Q_head.bias, 10.0)
+    assert (run_halting(model, 5, 1.0) == 5).all()
+
+
+def test_stablemax_matches_its_definition_and_stays_finite():
+    logits = torch.tensor([[[2.0, -1.0, 0.5, -3.0]]])
+    labels = torch.tensor([[2]])
+    s = np.array([3.0, 1 / 2, 1.5, 1 / 4])
+    loss = train.stablemax_cross_entropy(logits, labels, labels != 0)
+    assert loss.item() == pytest.approx(-math.log(s[2] / s.sum()), rel=1e-12)
+    big = torch.tensor([[[1e30, -1e30, 3e38, 0.0]]])
+    loss = train.stablemax_cross_entropy(big, torch.tensor([[1]]), torch.tensor([[True]]))
+    assert torch.isfinite(loss).all() and loss.item() > 0
+
+
+def test_loss_ignores_padding_and_averages_per_sample():
+    labels = torch.tensor([[2, 3, 0, 0], [2, 3, 4, 5]])
+    logits = torch.randn(2, 4, 11)
+    lm_total, lm_loss, _, _ = train.deep_supervision_loss(logits, torch.zeros(2), labels)
+    per_token = train.stablemax_cross_entropy(logits, labels, labels != 0)
+    expected = per_token[0, :2].mean() + per_token[1].mean()
+    torch.testing.assert_close(lm_loss, expected)
+
+
+# ------------------------------------------------------------------------------- model structure
+
+@pytest.mark.parametrize("kw,count", [
+    (dict(vocab_size=11, seq_len=81, mlp_t=True), 5_028_866),
+    (dict(vocab_size=11, seq_len=81, mlp_t=False, rope=True), 6_828_034),
+    (dict(vocab_size=6, seq_len=900, mlp_t=False, rope=True), 6_822_914),
+    (dict(vocab_size=12, seq_len=900, mlp_t=False, rope=True), 6_829_058),
+])
+def test_parameter_counts_match_the_paper(kw, count):
+    assert trm.TRM(trm.TRMConfig(**kw)).num_params() == count
+
+
+def reference_layout(cfg):
+    """The reference implementation's state_dict names and shapes, as listed in the reference facts."""
+    D, V = cfg.d_model, cfg.vocab_size
+    S = cfg.puzzle_emb_len + cfg.seq_len
+    out = {"inner.embed_tokens.embedding_weight": (V, D), "inner.lm_head.weight": (V, D),
+           "inner.q_head.weight": (2, D), "inner.q_head.bias": (2,), "inner.H_init": (D,), "inner.L_init": (D,),
+           "inner.puzzle_emb.weights": (cfg.num_puzzle_ids, D)}
+    for i in range(cfg.n_layers):
+        pre = f"inner.L_level.layers.{i}."
+        if cfg.mlp_t:
+            out[pre + "mlp_t.gate_up_proj.weight"] = (1024, S)
+            out[pre + "mlp_t.down_proj.weight"] = (S, 512)
+        else:
+            out[pre + "self_attn.qkv_proj.weight"] = (3 * D, D)
+            out[pre + "self_attn.o_proj.weight"] = (D, D)
+        out[pre + "mlp.gate_up_proj.weight"] = (2 * 1536, D)
+        out[pre + "mlp.down_proj.weight"] = (D, 1536)
+    return out
+
+
+@pytest.mark.parametrize("mlp_t", [True, False])
+def test_reference_state_dict_loads_and_computes_the_same(mlp_t, tmp_path):
+    ours = trm.TRM(trm.TRMConfig(mlp_t=mlp_t, rope=not mlp_t))
+    layout = reference_layout(ours.cfg)
+    ours_sd = ours.state_dict()
+    # Build a reference-style state_dict: each reference name gets our tensor of the same shape, then
+    # it must come back under the right name.
+    by_shape_name = {}
+    renamed = trm.from_reference_state_dict({k: torch.empty(s) for k, s in layout.items()})
+    assert set(renamed) == set(ours_sd), "the renaming does not cover our state_dict exactly"
+    for name, shape in layout.items():
+        target = trm.from_reference_state_dict({name: torch.empty(0)}).popitem()[0]
+        assert tuple(ours_sd[target].shape) == shape, f"{name} -> {target} has shape {tuple(ours_sd[target].shape)}"
+        by_shape_name["_orig_mod." + name] = ours_sd[target].clone()
+    path = tmp_path / "reference.pt"
+    torch.save(by_shape_name, path)
+    loaded, _, mcfg = evaluate.load_for_eval(str(path), task="sudoku")
+    assert mcfg.mlp_t == mlp_t and mcfg.seq_len == 81 and (mcfg.n, mcfg.T) == (6, 3)
+    batch = tiny_batch(ours, B=2)
+    args = step_inputs(ours, batch)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(*args)[1], loaded(*args)[1])
+
+
+def test_rope_attention_is_position_sensitive_and_mlp_rejects_other_lengths():
+    model = tiny_model(mlp_t=False, rope=True, n=1, T=1)
+    inputs, rows, y, z = step_inputs(model, tiny_batch(model, B=1))
+    x = model.embed_input(inputs, rows)
+    perm = torch.randperm(x.shape[1])
+    with torch.no_grad():
+        out = model.net(x, torch.zeros_like(x))
+        out_perm = model.net(x[:, perm], torch.zeros_like(x))
+    assert not torch.allclose(out[:, perm], out_perm, atol=1e-4), "attention with RoPE ignored positions"
+    mlp = tiny_model(mlp_t=True)
+    with pytest.raises(ValueError, match="built for puzzles of 81 tokens"):
+        mlp(torch.ones(1, 64, dtype=torch.long), torch.zeros(1, 32), *mlp.initial_state(1))

@@ -1,0 +1,418 @@
+"""Train a TRM with deep supervision: `python train.py --task sudoku [--preset cpu|paper] [--key value ...]`.
+
+One optimizer step per supervision step. Every slot of the batch carries its own (y, z) across steps and
+is refilled with a fresh puzzle when it halts (the Q head says so, or N_sup steps are done): the paper's
+`for step in range(N_sup): ... if q_hat > 0: break` made per sample, with a constant batch shape.
+"""
+import argparse
+import copy
+import dataclasses
+import glob
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data import Batches, DataError
+from model import TRM, TRMConfig
+
+TASKS = ("sudoku", "maze", "arc")
+
+
+@dataclass
+class TrainConfig:
+    task: str = "sudoku"
+    preset: str = "auto"                 # paper on CUDA, cpu otherwise
+    preset_note: str = ""                # why this preset: chosen, or the default for this machine
+    out: str = ""                        # default out/{task}-{preset}
+    # data (each task reads the fields it needs)
+    data: str = "generate"               # "generate", "hub", or a local CSV file / folder
+    train_puzzles: int = 1000
+    test_puzzles: int = 1000
+    num_aug: int = 1000                  # augmentations per training puzzle
+    min_blanks: int = 40                 # sudoku generator
+    max_blanks: int = 64
+    difficulty: int = 0                  # sudoku generator: least solver effort (guesses) a puzzle needs
+    data_seed: int = 0
+    # optimisation
+    batch_size: int = 768
+    lr: float = 1e-4
+    warmup_steps: int = 2000
+    weight_decay: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    puzzle_emb_lr: float = 1e-4
+    puzzle_emb_weight_decay: float = 1.0
+    ema: float = 0.999
+    epochs: int = 50000
+    max_steps: int = 0                   # 0: epochs * train puzzles / batch_size, as the reference counts
+    halt_exploration_prob: float = 0.1
+    # running
+    eval_interval: int = 2000            # steps; 0 evaluates only at the end
+    eval_limit: int = 1000               # held-out puzzles per periodic evaluation
+    checkpoint_interval: int = 2000
+    log_interval: float = 5.0            # seconds between log lines
+    dtype: str = "auto"                  # bfloat16 on CUDA, float32 on CPU
+    compile: str = "auto"                # on for CUDA, off for CPU
+    device: str = "auto"
+    threads: int = 0                     # CPU threads, 0 = torch's default
+    seed: int = 0
+    resume: str = ""                     # a checkpoint path, or "auto" for the newest in --out
+    overwrite: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- loss
+
+def stablemax_cross_entropy(logits, labels, mask):
+    """-log(s(x_label) / sum s(x)) with s(x) = x + 1 for x >= 0, 1 / (1 - x) for x < 0, in float64 as the
+    reference: unlike softmax it grows linearly, so large logits stay finite. Per token [B, L]."""
+    x = logits.double()
+    s = torch.where(x >= 0, x + 1, 1 / (1 - x))
+    logp = torch.log(s / s.sum(-1, keepdim=True))
+    picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return -torch.where(mask, picked, 0)
+
+
+def deep_supervision_loss(logits, q_halt, labels):
+    """Per sample: mean stablemax CE over its labelled tokens + 0.5 * BCE(halt logit, answer exactly right).
+    Returns the batch sums (the trainer divides by the global batch size) and the exactness per sample."""
+    mask = labels != 0
+    counts = mask.sum(-1).clamp_min(1)
+    with torch.no_grad():
+        correct = ((logits.argmax(-1) == labels) | ~mask).all(-1)          # whole answer exact [B]
+    lm_loss = (stablemax_cross_entropy(logits, labels, mask).sum(-1) / counts).sum()
+    halt_loss = F.binary_cross_entropy_with_logits(q_halt, correct.to(q_halt.dtype), reduction="sum")
+    return lm_loss + 0.5 * halt_loss, lm_loss.detach(), halt_loss.detach(), correct
+
+
+# ---------------------------------------------------------------------------------- deep supervision
+
+def initial_carry(model, batch):
+    """Every slot starts halted, so the first step fills all of them from the first batch."""
+    y, z = model.initial_state(batch["inputs"].shape[0])
+    return dict(y=y, z=z, steps=torch.zeros_like(batch["puzzle_ids"]),
+                halted=torch.ones_like(batch["puzzle_ids"], dtype=torch.bool), **batch)
+
+
+def supervision_step(model, carry, batch, exploration, autocast):
+    """One step of the paper's deep-supervision loop for every slot. Slots that halted last step take the
+    next batch's puzzle at their position and restart from the initial y, z (as the reference does)."""
+    halted = carry["halted"]
+    y0, z0 = model.initial_state(halted.shape[0])
+    h3 = halted[:, None, None]
+    y = torch.where(h3, y0, carry["y"])
+    z = torch.where(h3, z0, carry["z"])
+    steps = torch.where(halted, 0, carry["steps"])
+    inputs = torch.where(halted[:, None], batch["inputs"], carry["inputs"])
+    labels = torch.where(halted[:, None], batch["labels"], carry["labels"])
+    puzzle_ids = torch.where(halted, batch["puzzle_ids"], carry["puzzle_ids"])
+
+    # The batch's rows of the puzzle-embedding table as a leaf, so backward gives exactly their gradient.
+    puzzle_rows = model.puzzle_emb[puzzle_ids].requires_grad_(model.training)
+    with autocast:
+        (y, z), logits, q_halt = model(inputs, puzzle_rows, y, z)
+    loss, lm_loss, halt_loss, correct = deep_supervision_loss(logits, q_halt, labels)
+
+    with torch.no_grad():
+        steps = steps + 1
+        N_sup = model.cfg.N_sup
+        halted = steps >= N_sup
+        if model.training and N_sup > 1:
+            halted = halted | (q_halt > 0)      # the paper's "if q_hat > 0: break"
+            # Exploration: with probability p a sample must run at least randint(2, N_sup) steps.
+            explore = torch.rand_like(q_halt) < exploration
+            min_steps = explore * torch.randint_like(steps, 2, N_sup + 1)
+            halted = halted & (steps >= min_steps)
+    new_carry = dict(y=y, z=z, steps=steps, halted=halted, inputs=inputs, labels=labels, puzzle_ids=puzzle_ids)
+    stats = dict(lm_loss=lm_loss, halt_loss=halt_loss, halted=halted.sum(), exact=(correct & halted).sum(),
+                 steps=(steps * halted).sum())
+    return loss, new_carry, puzzle_ids, puzzle_rows, stats
+
+
+@torch.no_grad()
+def puzzle_emb_step(table, ids, grad, lr, weight_decay):
+    """Sign-SGD with decoupled weight decay on the rows used in the batch only (the reference's sparse
+    optimizer): gradients of repeated ids are summed first."""
+    uniq, inverse = ids.unique(return_inverse=True)
+    g = torch.zeros(len(uniq), grad.shape[-1], dtype=grad.dtype, device=grad.device).index_add_(0, inverse, grad)
+    table[uniq] = table[uniq] * (1 - lr * weight_decay) - lr * g.sign()
+
+
+def lr_at(step, cfg, base):
+    """Linear warmup, then constant (the reference's schedule with its minimum ratio 1)."""
+    return base * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file or the new one."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoints_in(folder):
+    return sorted(glob.glob(os.path.join(folder, "ckpt_*.pt")))
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise DataError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise DataError(f"checkpoint {path} could not be read ({type(e).__name__}); it is truncated or not a checkpoint") from None
+    if not isinstance(state, dict) or not {"model", "model_config", "train_config"} <= state.keys():
+        raise DataError(f"{path} is not a checkpoint of this project (model, model_config and train_config expected)")
+    return state
+
+
+# ------------------------------------------------------------------------------------------- config
+
+def parse_args(argv):
+    """Every field of TrainConfig and TRMConfig becomes a --flag; only flags actually given are returned."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for cls in (TrainConfig, TRMConfig):
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            if f.type is bool or f.type == "bool":
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=f"(default {f.default})")
+            else:
+                p.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, help=f"(default {f.default})")
+    p.add_argument("--n-sup", dest="N_sup", type=int, default=argparse.SUPPRESS, help="supervision steps (default 16)")
+    return vars(p.parse_args(argv))
+
+
+def resolve_config(given):
+    """Defaults < task preset < command line. Returns (TrainConfig, TRMConfig)."""
+    task = given.get("task", TrainConfig.task)
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    module = importlib.import_module(task)
+    preset = given.get("preset", "auto")
+    if preset == "auto":
+        preset = "paper" if torch.cuda.is_available() else "cpu"
+        given = {**given, "preset_note": f"default {'with' if preset == 'paper' else 'without'} CUDA"}
+    if preset not in module.PRESETS:
+        raise DataError(f"unknown preset {preset!r} for {task}; expected one of {', '.join(module.PRESETS)}")
+    settings = {**module.PRESETS[preset], **given, "task": task, "preset": preset}
+    settings.setdefault("preset_note", "chosen")
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    tcfg = TrainConfig(**{k: v for k, v in settings.items() if k in train_names})
+    mcfg = TRMConfig(**{k: v for k, v in settings.items() if k not in train_names})
+    check_config(tcfg, mcfg)
+    return tcfg, mcfg
+
+
+def check_config(tcfg, mcfg):
+    """Settings that cannot work fail here, before any data is built."""
+    for name, value in (("n", mcfg.n), ("T", mcfg.T), ("n-sup", mcfg.N_sup), ("batch-size", tcfg.batch_size),
+                        ("d-model", mcfg.d_model), ("n-layers", mcfg.n_layers), ("n-heads", mcfg.n_heads)):
+        if value < 1:
+            raise DataError(f"--{name} is {value}; expected a whole number of at least 1")
+    if mcfg.d_model % mcfg.n_heads:
+        raise DataError(f"--d-model {mcfg.d_model} is not divisible by --n-heads {mcfg.n_heads}")
+    if not 0 <= tcfg.ema < 1:
+        raise DataError(f"--ema is {tcfg.ema}; expected a rate in [0, 1)")
+    if tcfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise DataError(f"--dtype is {tcfg.dtype!r}; expected auto, float32 or bfloat16")
+    if tcfg.compile not in ("auto", "on", "off"):
+        raise DataError(f"--compile is {tcfg.compile!r}; expected auto, on or off")
+
+
+def setup_runtime(tcfg):
+    device = torch.device(tcfg.device if tcfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    compile_on = tcfg.compile == "on" or (tcfg.compile == "auto" and device.type == "cuda")
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    # bf16 forward with float32 master weights: autocast casts each weight once per region.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    return device, dtype, compile_on, autocast
+
+
+# -------------------------------------------------------------------------------------------- train
+
+class Logger:
+    def __init__(self, out):
+        self.file = open(os.path.join(out, "metrics.jsonl"), "a") if out else None
+
+    def __call__(self, line, **record):
+        print(line, flush=True)
+        if self.file and record:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+
+def train(tcfg, mcfg, resume_state=None):
+    import evaluate  # evaluate imports train for its config helpers
+    task = importlib.import_module(tcfg.task)
+    device, dtype, compile_on, autocast = setup_runtime(tcfg)
+    out = tcfg.out
+    os.makedirs(out, exist_ok=True)
+    log = Logger(out)
+    log(f"task {tcfg.task}, preset {tcfg.preset} ({tcfg.preset_note}), device {device}, "
+        f"{dtype}, compile {'on' if compile_on else 'off'}, out {out}")
+    log(f"train config: {json.dumps(dataclasses.asdict(tcfg))}")
+    log(f"model config: {json.dumps(dataclasses.asdict(mcfg))}")
+
+    t0 = time.time()
+    train_ds, test_ds = task.build_datasets(tcfg)
+    if mcfg.seq_len != train_ds.seq_len or mcfg.vocab_size != train_ds.vocab_size or mcfg.num_puzzle_ids < train_ds.num_puzzle_ids:
+        raise DataError(f"the data has sequences of {train_ds.seq_len} tokens over {train_ds.vocab_size} symbols and "
+                        f"{train_ds.num_puzzle_ids} puzzle ids, but the model is set for {mcfg.seq_len}, "
+                        f"{mcfg.vocab_size} and {mcfg.num_puzzle_ids}")
+    log(f"data: {len(train_ds.inputs)} training rows in {train_ds.num_groups} groups, {len(test_ds.inputs)} test rows "
+        f"({time.time() - t0:.1f}s)")
+
+    torch.manual_seed(tcfg.seed)
+    model = TRM(mcfg).to(device)
+    ema_model = copy.deepcopy(model).eval()
+    for p in ema_model.parameters():
+        p.requires_grad_(False)
+    # The reference uses Adam-atan2; plain AdamW is reported to reach the same accuracy (see README).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
+                                  weight_decay=tcfg.weight_decay, fused=device.type == "cuda")
+    batches = Batches(train_ds, tcfg.batch_size, tcfg.seed, device)
+    total_steps = tcfg.max_steps or max(1, tcfg.epochs * train_ds.num_groups // tcfg.batch_size)
+    log(f"model: {model.num_params():,} parameters, puzzle-embedding table {tuple(model.puzzle_emb.shape)}; "
+        f"{total_steps:,} steps of batch {tcfg.batch_size}")
+
+    step, carry = 0, None
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        ema_model.load_state_dict(resume_state["ema"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        batches.load_state_dict(resume_state["batches"])
+        step = resume_state["step"]
+        carry = {k: v.to(device) for k, v in resume_state["carry"].items()}
+        torch.set_rng_state(resume_state["rng"]["torch"])
+        if device.type == "cuda" and resume_state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(resume_state["rng"]["cuda"])
+        log(f"resumed at step {step} from {tcfg.resume}")
+
+    step_fn = torch.compile(supervision_step) if compile_on else supervision_step
+    params = list(model.parameters())
+    ema_params = list(ema_model.parameters())
+    sums, steps_logged = None, 0
+    last_log = t0 = time.time()
+    start_step = step
+
+    def save(step):
+        state = dict(model=model.state_dict(), ema=ema_model.state_dict(), optimizer=optimizer.state_dict(),
+                     step=step, batches=batches.state_dict(), train_config=dataclasses.asdict(tcfg),
+                     model_config=dataclasses.asdict(mcfg), carry={k: v.cpu() for k, v in carry.items()},
+                     rng=dict(torch=torch.get_rng_state(),
+                              cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None))
+        path = os.path.join(out, f"ckpt_{step:08d}.pt")
+        save_checkpoint(path, state)
+        for old in checkpoints_in(out)[:-2]:   # keep the newest two
+            os.remove(old)
+        return path
+
+    def run_eval(step):
+        ema_model.puzzle_emb.copy_(model.puzzle_emb)
+        res = evaluate.evaluate(ema_model, test_ds, mcfg.N_sup, tcfg.batch_size, device, autocast,
+                                limit=tcfg.eval_limit, check=getattr(task, "check", None))
+        last = res[-1]
+        log(f"eval step {step}: exact {last['exact']:.2%}, token {last['token']:.2%} on {last['count']} held-out "
+            f"puzzles after {mcfg.N_sup} supervision steps (EMA weights)",
+            kind="eval", step=step, per_step=res)
+        return res
+
+    model.train()
+    while step < total_steps:
+        batch = next(batches)
+        if carry is None:
+            carry = initial_carry(model, batch)
+        lr = lr_at(step, tcfg, tcfg.lr)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        loss, carry, ids, puzzle_rows, stats = step_fn(model, carry, batch, tcfg.halt_exploration_prob, autocast)
+        (loss / tcfg.batch_size).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        puzzle_emb_step(model.puzzle_emb, ids, puzzle_rows.grad, lr_at(step, tcfg, tcfg.puzzle_emb_lr),
+                        tcfg.puzzle_emb_weight_decay)
+        torch._foreach_lerp_(ema_params, params, 1 - tcfg.ema)
+        step += 1
+        sums = stats if sums is None else {k: sums[k] + v for k, v in stats.items()}
+        steps_logged += 1
+
+        now = time.time()
+        if now - last_log >= tcfg.log_interval or step == total_steps:
+            s = {k: float(v) for k, v in sums.items()}   # the only host-device sync, once per log line
+            halted, per_sample = max(s["halted"], 1), steps_logged * tcfg.batch_size
+            rate = (step - start_step) * tcfg.batch_size / (now - t0)
+            eta = (total_steps - step) * tcfg.batch_size / max(rate, 1e-9)
+            log(f"step {step}/{total_steps} epoch {batches.epochs_done:.1f} | loss {s['lm_loss'] / per_sample:.4f} "
+                f"halt {s['halt_loss'] / per_sample:.4f} | exact {s['exact'] / halted:.1%} "
+                f"steps {s['steps'] / halted:.1f} | {rate:,.0f} samples/s | lr {lr:.2e} | ETA {format_time(eta)}",
+                kind="train", step=step, epoch=batches.epochs_done, lm_loss=s["lm_loss"] / per_sample,
+                halt_loss=s["halt_loss"] / per_sample, exact=s["exact"] / halted,
+                mean_halt_steps=s["steps"] / halted, samples_per_s=rate, lr=lr, elapsed=now - t0)
+            sums, steps_logged, last_log = None, 0, now
+        if tcfg.eval_interval and step % tcfg.eval_interval == 0 and step < total_steps:
+            run_eval(step)
+        if tcfg.checkpoint_interval and step % tcfg.checkpoint_interval == 0 and step < total_steps:
+            save(step)
+    path = save(step)
+    res = run_eval(step)
+    log(f"done: {step} steps in {format_time(time.time() - t0)}; checkpoint {path}")
+    return model, ema_model, res
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def main(argv=None):
+    given = parse_args(argv)
+    resume_state = None
+    try:
+        if given.get("resume"):
+            out = given.get("out") or ""
+            path = given["resume"]
+            if path == "auto":
+                found = checkpoints_in(out) if out else []
+                if not found:
+                    raise DataError(f"--resume auto found no checkpoint in {out or '(no --out given)'}")
+                path = found[-1]
+            resume_state = load_checkpoint(path)
+            saved = {**resume_state["train_config"], **resume_state["model_config"]}
+            for k, v in given.items():   # a resumed run keeps its settings unless the command line changes one
+                if k in resume_state["model_config"] and v != saved[k]:
+                    raise DataError(f"checkpoint {path} is for a model with {k}={saved[k]}, not {v}")
+            given = {**saved, **given, "resume": path}
+        tcfg, mcfg = resolve_config(given)
+        if not tcfg.out:
+            tcfg.out = os.path.join("out", f"{tcfg.task}-{tcfg.preset}")
+        if resume_state is None and checkpoints_in(tcfg.out) and not tcfg.overwrite:
+            raise DataError(f"{tcfg.out} already holds a run; use --resume auto to continue it, "
+                            f"--overwrite to replace it, or --out for a new folder")
+        if tcfg.overwrite and resume_state is None:
+            for old in checkpoints_in(tcfg.out) + glob.glob(os.path.join(tcfg.out, "metrics.jsonl")):
+                os.remove(old)
+        train(tcfg, mcfg, resume_state)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
