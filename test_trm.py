@@ -219,6 +219,10 @@ def test_stablemax_matches_its_definition_and_stays_finite():
     big = torch.tensor([[[1e30, -1e30, 3e38, 0.0]]])
     loss = train.stablemax_cross_entropy(big, torch.tensor([[1]]), torch.tensor([[True]]))
     assert torch.isfinite(loss).all() and loss.item() > 0
+    # bf16 logits often hit exactly 1.0, where 1 / (1 - x) blows up: the gradient must stay finite.
+    at_one = torch.tensor([[[1.0, -2.0, 0.0]]], requires_grad=True)
+    train.stablemax_cross_entropy(at_one, torch.tensor([[2]]), torch.tensor([[True]])).sum().backward()
+    assert torch.isfinite(at_one.grad).all()
 
 
 def test_loss_ignores_padding_and_averages_per_sample():

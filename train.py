@@ -74,7 +74,8 @@ def stablemax_cross_entropy(logits, labels, mask):
     """-log(s(x_label) / sum s(x)) with s(x) = x + 1 for x >= 0, 1 / (1 - x) for x < 0, in float64 as the
     reference: unlike softmax it grows linearly, so large logits stay finite. Per token [B, L]."""
     x = logits.double()
-    s = torch.where(x >= 0, x + 1, 1 / (1 - x))
+    # Clamping keeps the branch torch.where does not pick finite, else its gradient is 0 * inf = NaN at x = 1.
+    s = torch.where(x >= 0, x + 1, 1 / (1 - x.clamp_max(0)))
     logp = torch.log(s / s.sum(-1, keepdim=True))
     picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return -torch.where(mask, picked, 0)
