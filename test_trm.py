@@ -302,3 +302,173 @@ def test_rope_attention_is_position_sensitive_and_mlp_rejects_other_lengths():
     mlp = tiny_model(mlp_t=True)
     with pytest.raises(ValueError, match="built for puzzles of 81 tokens"):
         mlp(torch.ones(1, 64, dtype=torch.long), torch.zeros(1, 32), *mlp.initial_state(1))
+
+
+# ------------------------------------------------------------------------------------------- sudoku
+import sudoku
+
+EASY = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
+
+
+def test_generated_puzzles_have_exactly_one_solution():
+    q, a, ratings = sudoku.generate(12, min_blanks=40, max_blanks=50, seed=3)
+    blanks = (q == 0).sum(1)
+    assert ((blanks >= 40) & (blanks <= 50)).all()
+    assert sudoku.valid_solutions(q, a).all()
+    for puzzle, answer, rating in zip(q, a, ratings):
+        solutions, effort = sudoku.solve(puzzle, limit=2)
+        assert len(solutions) == 1 and np.array_equal(solutions[0], answer) and effort == rating
+    again = sudoku.generate(12, min_blanks=40, max_blanks=50, seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip((q, a, ratings), again))
+
+
+def test_generator_difficulty_setting_keeps_only_puzzles_that_need_search():
+    q, a, ratings = sudoku.generate(3, min_blanks=50, max_blanks=56, seed=1, min_effort=2)
+    assert (ratings >= 2).all() and sudoku.valid_solutions(q, a).all()
+
+
+def test_augmentation_keeps_solutions_valid_and_consistent():
+    q, a, _ = sudoku.generate(4, min_blanks=40, max_blanks=45, seed=0)
+    rng = np.random.default_rng(0)
+    q2, a2 = sudoku.augment(np.repeat(q, 50, 0), np.repeat(a, 50, 0), rng)
+    assert sudoku.valid_solutions(q2, a2).all(), "an augmented answer is no solution of its augmented puzzle"
+    assert ((q2 == 0).sum(1) == (np.repeat(q, 50, 0) == 0).sum(1)).all()
+    assert len({row.tobytes() for row in q2}) > 190, "augmentations should differ"
+    assert len(sudoku.solve(q2[7], limit=2)[0]) == 1
+
+
+def test_checker_rejects_broken_grids():
+    puzzle = sudoku.parse_grid(EASY)
+    (solution,), _ = sudoku.solve(puzzle)
+    assert sudoku.valid_solutions(puzzle, solution)
+    swapped = solution.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]                # breaks two columns and changes a given
+    blank = solution.copy()
+    blank[2] = 0
+    relabelled = np.where(solution == 1, 2, np.where(solution == 2, 1, solution)).astype(np.uint8)
+    duplicate = solution.copy()
+    duplicate[2] = duplicate[3]
+    for bad in (swapped, blank, relabelled, duplicate):
+        assert not sudoku.valid_solutions(puzzle, bad)
+    assert sudoku.valid_solutions(np.zeros(81, np.uint8), relabelled), "a valid grid solves the empty puzzle"
+
+
+def write_csv(path, rows, header="source,question,answer,rating"):
+    path.write_text("\n".join([header] + [",".join(map(str, r)) for r in rows]) + "\n")
+    return str(path)
+
+
+def test_sudoku_csv_reader_reads_the_extreme_format(tmp_path):
+    q, a, _ = sudoku.generate(3, min_blanks=45, max_blanks=50, seed=5)
+    rows = [("gen", sudoku.grid_to_string(x), sudoku.grid_to_string(y), k) for k, (x, y) in enumerate(zip(q, a))]
+    got_q, got_a, got_r = sudoku.read_csv(write_csv(tmp_path / "t.csv", rows))
+    assert np.array_equal(got_q, q) and np.array_equal(got_a, a) and got_r.tolist() == [0, 1, 2]
+    loaded = sudoku.load_extreme("test", path=str(tmp_path / "t.csv"))
+    assert np.array_equal(loaded[0], q)
+
+
+@pytest.mark.parametrize("rows,header,message", [
+    ([("s", EASY, "1" * 81, 0)], None, "line 2 has an answer with 1 at position 1 where the question gives 5"),
+    ([("s", EASY[:80], "1" * 81, 0)], None, "line 2 has 80 characters in its question; expected 81"),
+    ([("s", EASY, "1" * 81)], None, "line 2 has 3 fields; expected 4"),
+    ([("s", EASY.replace("5", "x", 1), "1" * 81, 0)], None, "question"),
+    ([], "source,quiz,answer,rating", "has the columns source,quiz,answer,rating; expected source,question,answer,rating"),
+])
+def test_sudoku_csv_reader_names_the_problem(tmp_path, rows, header, message):
+    path = write_csv(tmp_path / "bad.csv", rows, header or "source,question,answer,rating")
+    with pytest.raises(data.DataError, match=message):
+        sudoku.read_csv(path)
+
+
+def test_unreachable_hub_gives_one_clear_sentence(tmp_path, monkeypatch):
+    monkeypatch.setattr(sudoku, "HUB_URL", "http://127.0.0.1:9/{}.csv")
+    with pytest.raises(data.DataError, match="--data PATH"):
+        sudoku.load_extreme("test", cache_dir=str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+# -------------------------------------------------------------------------- training end to end
+
+TINY = ["--task", "sudoku", "--preset", "cpu", "--d-model", "32", "--n-heads", "4", "--n", "1", "--T", "1",
+        "--n-sup", "2", "--puzzle-emb-len", "1", "--batch-size", "16", "--train-puzzles", "40", "--num-aug", "2",
+        "--test-puzzles", "16", "--eval-limit", "16", "--eval-interval", "0", "--log-interval", "60",
+        "--warmup-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """Runs train.py in-process from a scratch folder, so its data/ cache and outputs stay out of the repo."""
+    path = tmp_path_factory.mktemp("work")
+    old = os.getcwd()
+    os.chdir(path)
+    yield path
+    os.chdir(old)
+
+
+def run_train(*args):
+    train.main(TINY + list(args))
+
+
+def final_state(out):
+    return torch.load(train.checkpoints_in(out)[-1], weights_only=False)
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(workdir):
+    run_train("--max-steps", "6", "--checkpoint-interval", "3", "--out", "whole")
+    run_train("--max-steps", "3", "--out", "split")
+    run_train("--max-steps", "6", "--resume", "auto", "--out", "split")
+    whole, split = final_state("whole"), final_state("split")
+    assert whole["step"] == split["step"] == 6
+    for key in ("model", "ema"):
+        for name, value in whole[key].items():
+            assert torch.equal(value, split[key][name]), f"{key} {name} differs after resume"
+
+
+def test_ema_arithmetic_and_ema_weights_at_evaluation(workdir):
+    run_train("--max-steps", "1", "--ema", "0.75", "--out", "ema1")
+    state = final_state("ema1")
+    tcfg, mcfg = train.resolve_config(train.parse_args(TINY))
+    torch.manual_seed(0)
+    init = trm.TRM(mcfg).state_dict()
+    for name, p in state["ema"].items():
+        if name in dict(trm.TRM(mcfg).named_parameters()):
+            torch.testing.assert_close(p, 0.75 * init[name] + 0.25 * state["model"][name])
+    loaded, _, _ = evaluate.load_for_eval(train.checkpoints_in("ema1")[-1])
+    w = loaded.output_head.weight
+    assert torch.equal(w, state["ema"]["output_head.weight"]) and not torch.equal(w, state["model"]["output_head.weight"])
+
+
+def test_used_output_folder_is_not_clobbered(workdir, capsys):
+    run_train("--max-steps", "1", "--out", "used")
+    before = open(train.checkpoints_in("used")[-1], "rb").read()
+    with pytest.raises(SystemExit) as e:
+        run_train("--max-steps", "1", "--out", "used")
+    assert e.value.code != 0 and "already holds a run" in capsys.readouterr().err
+    assert open(train.checkpoints_in("used")[-1], "rb").read() == before
+
+
+def test_evaluate_reports_every_supervision_step_and_plots(workdir, capsys):
+    run_train("--max-steps", "2", "--out", "ev")
+    ckpt = train.checkpoints_in("ev")[-1]
+    evaluate.main(["--checkpoint", ckpt, "--steps", "5", "--limit", "8"])
+    out = capsys.readouterr().out
+    table = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and "%" in line]
+    assert [int(row[0]) for row in table] == [1, 2, 3, 4, 5], "one row per step, beyond the trained N_sup of 2"
+    assert os.path.getsize(os.path.join("ev", "sudoku_accuracy_by_step.png")) > 1000
+    evaluate.main(["--checkpoint", ckpt, "--solve", EASY])
+    out = capsys.readouterr().out
+    assert "valid solution" in out and os.path.getsize(os.path.join("ev", "sudoku_solve.png")) > 1000
+
+
+def test_paper_preset_is_the_reference_configuration():
+    tcfg, mcfg = train.resolve_config({"task": "sudoku", "preset": "paper"})
+    assert (tcfg.batch_size, tcfg.lr, tcfg.warmup_steps, tcfg.weight_decay, tcfg.ema, tcfg.epochs) == (768, 1e-4, 2000, 1.0, 0.999, 50000)
+    assert (tcfg.beta1, tcfg.beta2, tcfg.puzzle_emb_lr, tcfg.train_puzzles, tcfg.num_aug) == (0.9, 0.95, 1e-4, 1000, 1000)
+    assert (mcfg.n, mcfg.T, mcfg.N_sup, mcfg.mlp_t, mcfg.rope, mcfg.d_model, mcfg.puzzle_emb_len) == (6, 3, 16, True, False, 512, 16)
+    assert trm.TRM(mcfg).num_params() == 5_028_866
+
+
+def test_help_lists_every_setting():
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=HERE, capture_output=True, text=True).stdout
+    for flag in ("--out", "--max-steps", "--n ", "--T ", "--n-sup", "--batch-size", "--resume", "--dtype", "--preset"):
+        assert flag in out
