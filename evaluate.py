@@ -116,7 +116,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a TRM checkpoint after every supervision step.")
     p.add_argument("--checkpoint", required=True, help="our ckpt_*.pt, or a reference state_dict")
     p.add_argument("--task", default=None, help="for a reference checkpoint: sudoku, maze or arc")
-    p.add_argument("--steps", type=int, default=0, help="supervision steps at test time (default: the training N_sup)")
+    p.add_argument("--steps", type=int, default=None, help="supervision steps at test time (default: the training N_sup)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first K test puzzles")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--data", default=None, help="override the test data source (generate, hub, or a path)")
@@ -138,7 +138,7 @@ def run(args):
     task = importlib.import_module(tcfg.task)
     device, _, _, autocast = setup_runtime(tcfg)
     model.to(device)
-    N = args.steps or mcfg.N_sup
+    N = mcfg.N_sup if args.steps is None else args.steps
     if N < 1 or args.limit < 0 or args.batch_size < 1:
         raise DataError("--steps, --limit and --batch-size must be positive whole numbers")
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))

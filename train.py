@@ -26,6 +26,10 @@ from model import TRM, TRMConfig
 TASKS = ("sudoku", "maze", "arc")
 
 
+class StopTraining(Exception):
+    """Training cannot go on (a non-finite loss, say): the message says why and what is safe on disk."""
+
+
 @dataclass
 class TrainConfig:
     task: str = "sudoku"
@@ -40,6 +44,8 @@ class TrainConfig:
     min_blanks: int = 40                 # sudoku generator
     max_blanks: int = 64
     difficulty: int = 0                  # sudoku generator: least solver effort (guesses) a puzzle needs
+    size: int = 30                       # maze side
+    min_path: int = 0                    # maze generator: shortest path length, 0 = scaled to the size
     data_seed: int = 0
     # optimisation
     batch_size: int = 768
@@ -64,8 +70,9 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0                     # CPU threads, 0 = torch's default
     seed: int = 0
-    resume: str = ""                     # a checkpoint path, or "auto" for the newest in --out
+    resume: str = ""                     # a checkpoint path, or "auto" for the newest complete one in --out
     overwrite: bool = False
+    skip_nonfinite: int = 0              # steps with a non-finite loss or gradient to skip before stopping
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -146,6 +153,12 @@ def puzzle_emb_step(table, ids, grad, lr, weight_decay):
     table[uniq] = table[uniq] * (1 - lr * weight_decay) - lr * g.sign()
 
 
+def all_finite(loss, params, puzzle_rows):
+    """One host sync per step: the price of never applying an update computed from a NaN or inf."""
+    grads = [p.grad for p in params if p.grad is not None] + [puzzle_rows.grad]
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum() + loss.detach()))
+
+
 def lr_at(step, cfg, base):
     """Linear warmup, then constant (the reference's schedule with its minimum ratio 1)."""
     return base * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
@@ -177,6 +190,18 @@ def load_checkpoint(path):
     if not isinstance(state, dict) or not {"model", "model_config", "train_config"} <= state.keys():
         raise DataError(f"{path} is not a checkpoint of this project (model, model_config and train_config expected)")
     return state
+
+
+def find_checkpoint(resume, out):
+    """--resume PATH, or --resume auto: the newest checkpoint in out that loads (a damaged one is skipped)."""
+    if resume != "auto":
+        return resume, load_checkpoint(resume)
+    for path in reversed(checkpoints_in(out)):
+        try:
+            return path, load_checkpoint(path)
+        except DataError as e:
+            print(f"skipping {path}: {e}")
+    raise DataError(f"--resume auto found no complete checkpoint in {out}")
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -223,6 +248,15 @@ def check_config(tcfg, mcfg):
                         ("d-model", mcfg.d_model), ("n-layers", mcfg.n_layers), ("n-heads", mcfg.n_heads)):
         if value < 1:
             raise DataError(f"--{name} is {value}; expected a whole number of at least 1")
+    for name, value in (("max-steps", tcfg.max_steps), ("epochs", tcfg.epochs), ("skip-nonfinite", tcfg.skip_nonfinite),
+                        ("num-aug", tcfg.num_aug)):
+        if value < 0:
+            raise DataError(f"--{name} is {value}; expected a whole number of at least 0")
+    if not tcfg.lr > 0:
+        raise DataError(f"--lr is {tcfg.lr}; expected a positive learning rate")
+    if tcfg.train_puzzles and tcfg.batch_size > tcfg.train_puzzles * (tcfg.num_aug + 1):
+        raise DataError(f"--batch-size {tcfg.batch_size} is larger than the {tcfg.train_puzzles * (tcfg.num_aug + 1)} "
+                        f"training rows ({tcfg.train_puzzles} puzzles x {tcfg.num_aug + 1} versions)")
     if mcfg.d_model % mcfg.n_heads:
         raise DataError(f"--d-model {mcfg.d_model} is not divisible by --n-heads {mcfg.n_heads}")
     if not 0 <= tcfg.ema < 1:
@@ -309,7 +343,8 @@ def train(tcfg, mcfg, resume_state=None):
     step_fn = torch.compile(supervision_step) if compile_on else supervision_step
     params = list(model.parameters())
     ema_params = list(ema_model.parameters())
-    sums, steps_logged = None, 0
+    sums, steps_logged, skipped = None, 0, 0
+    last_ckpt = tcfg.resume
     last_log = t0 = time.time()
     start_step = step
 
@@ -323,6 +358,8 @@ def train(tcfg, mcfg, resume_state=None):
         save_checkpoint(path, state)
         for old in checkpoints_in(out)[:-2]:   # keep the newest two
             os.remove(old)
+        nonlocal last_ckpt
+        last_ckpt = path
         return path
 
     def run_eval(step):
@@ -345,6 +382,16 @@ def train(tcfg, mcfg, resume_state=None):
             g["lr"] = lr
         loss, carry, ids, puzzle_rows, stats = step_fn(model, carry, batch, tcfg.halt_exploration_prob, autocast)
         (loss / tcfg.batch_size).backward()
+        if not all_finite(loss, params, puzzle_rows):
+            skipped += 1
+            if skipped > tcfg.skip_nonfinite:
+                raise StopTraining(f"step {step + 1} has a non-finite loss or gradient, so training stopped before "
+                                   f"updating; the last checkpoint, {last_ckpt or 'none yet'}, is intact "
+                                   f"(--skip-nonfinite N skips up to N such steps)")
+            log(f"step {step + 1}: non-finite loss or gradient, skipped ({skipped} of at most {tcfg.skip_nonfinite})")
+            optimizer.zero_grad(set_to_none=True)
+            carry = None    # the states in flight may be non-finite too: refill every slot
+            continue
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         puzzle_emb_step(model.puzzle_emb, ids, puzzle_rows.grad, lr_at(step, tcfg, tcfg.puzzle_emb_lr),
@@ -362,7 +409,8 @@ def train(tcfg, mcfg, resume_state=None):
             eta = (total_steps - step) * tcfg.batch_size / max(rate, 1e-9)
             log(f"step {step}/{total_steps} epoch {batches.epochs_done:.1f} | loss {s['lm_loss'] / per_sample:.4f} "
                 f"halt {s['halt_loss'] / per_sample:.4f} | exact {s['exact'] / halted:.1%} "
-                f"steps {s['steps'] / halted:.1f} | {rate:,.0f} samples/s | lr {lr:.2e} | ETA {format_time(eta)}",
+                f"steps {s['steps'] / halted:.1f} | {rate:,.0f} samples/s | lr {lr:.2e} | ETA {format_time(eta)}"
+                + (f" | {skipped} non-finite steps skipped" if skipped else ""),
                 kind="train", step=step, epoch=batches.epochs_done, lm_loss=s["lm_loss"] / per_sample,
                 halt_loss=s["halt_loss"] / per_sample, exact=s["exact"] / halted,
                 mean_halt_steps=s["steps"] / halted, samples_per_s=rate, lr=lr, elapsed=now - t0)
@@ -384,36 +432,28 @@ def format_time(seconds):
 
 def main(argv=None):
     given = parse_args(argv)
-    resume_state = None
     try:
-        if given.get("resume"):
-            out = given.get("out") or ""
-            path = given["resume"]
-            if path == "auto":
-                found = checkpoints_in(out) if out else []
-                if not found:
-                    raise DataError(f"--resume auto found no checkpoint in {out or '(no --out given)'}")
-                path = found[-1]
-            resume_state = load_checkpoint(path)
-            saved = {**resume_state["train_config"], **resume_state["model_config"]}
-            for k, v in given.items():   # a resumed run keeps its settings unless the command line changes one
-                if k in resume_state["model_config"] and v != saved[k]:
-                    raise DataError(f"checkpoint {path} is for a model with {k}={saved[k]}, not {v}")
-            given = {**saved, **given, "resume": path}
         tcfg, mcfg = resolve_config(given)
-        if not tcfg.out:
-            tcfg.out = os.path.join("out", f"{tcfg.task}-{tcfg.preset}")
-        if resume_state is None and checkpoints_in(tcfg.out) and not tcfg.overwrite:
+        tcfg.out = tcfg.out or os.path.join("out", f"{tcfg.task}-{tcfg.preset}")
+        resume_state = None
+        if tcfg.resume:
+            path, resume_state = find_checkpoint(tcfg.resume, tcfg.out)
+            saved = {**resume_state["train_config"], **resume_state["model_config"]}
+            for k in ("task", *resume_state["model_config"]):   # the task and model shape cannot change
+                if k in given and given[k] != saved[k]:
+                    raise DataError(f"checkpoint {path} was trained with {k} {saved[k]}, not {given[k]}")
+            # A resumed run keeps its settings unless the command line changes one (--max-steps, say).
+            tcfg, mcfg = resolve_config({**saved, **given, "resume": path, "out": tcfg.out})
+        elif checkpoints_in(tcfg.out) and not tcfg.overwrite:
             raise DataError(f"{tcfg.out} already holds a run; use --resume auto to continue it, "
                             f"--overwrite to replace it, or --out for a new folder")
-        if tcfg.overwrite and resume_state is None:
+        elif tcfg.overwrite:
             for old in checkpoints_in(tcfg.out) + glob.glob(os.path.join(tcfg.out, "metrics.jsonl")):
                 os.remove(old)
         train(tcfg, mcfg, resume_state)
-    except DataError as e:
+    except (DataError, StopTraining) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-
 
 if __name__ == "__main__":
     main()
