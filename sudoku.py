@@ -408,10 +408,12 @@ def draw(puzzle, prediction, answer=None, steps=None, path="sudoku.png", title=N
     panels = [(f"step {k + 1}", grid(s)) for k, s in enumerate(steps or [])] + [("final" if steps else None,
                                                                                  grid(prediction))]
     size = 4 if len(panels) == 1 else 2.2
-    fig = Figure(figsize=(size * len(panels), size + (0.4 if title else 0)), layout="constrained")
+    cols = min(len(panels), 6)          # wrap long refinements into rows, so each panel stays legible
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(size * cols, size * rows + (0.4 if title else 0)), layout="constrained")
     FigureCanvasAgg(fig)
     for k, (name, pred) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), k + 1)
+        ax = fig.add_subplot(rows, cols, k + 1)
         _draw_grid(ax, puzzle, pred, answer, fontsize=4 * size)
         if name:
             ax.set_title(name, fontsize=3.5 * size + 2)
@@ -433,12 +435,16 @@ PRESETS = {
                   expansion=4.0, mlp_t=True, rope=False, puzzle_emb_len=16, n=6, T=3, N_sup=16, batch_size=768,
                   lr=1e-4, warmup_steps=2000, weight_decay=1.0, puzzle_emb_lr=1e-4, puzzle_emb_weight_decay=1.0,
                   ema=0.999, epochs=50000, eval_interval=5000, eval_limit=1000, checkpoint_interval=5000),
-    # Small enough to learn generated 40-55-blank puzzles in about 10 minutes on 2 CPU cores (see README).
+    # Chosen by measurement on 2 CPU cores: 81.7% of held-out 40-55-blank puzzles after 1500 steps (~14 min).
+    # A 64-wide model and 1 prefix position (97 positions make the token MLP 2x wider), n 2, T 2, N_sup 8;
+    # lr 1e-3 and EMA 0.99 suit a run of 1500 steps (0.999 would still average the first minutes in).
+    # bf16 is 1.6-2x faster than float32 on a CPU with bf16 units; use --dtype float32 on one without.
     "cpu": dict(data="generate", train_puzzles=2000, num_aug=100, test_puzzles=1000, min_blanks=40, max_blanks=55,
-                difficulty=0, vocab_size=VOCAB_SIZE, seq_len=81, d_model=128, n_layers=2, n_heads=4,
-                expansion=4.0, mlp_t=True, rope=False, puzzle_emb_len=16, n=2, T=2, N_sup=8, batch_size=128,
+                difficulty=0, vocab_size=VOCAB_SIZE, seq_len=81, d_model=64, n_layers=2, n_heads=4,
+                expansion=4.0, mlp_t=True, rope=False, puzzle_emb_len=1, n=2, T=2, N_sup=8, batch_size=128,
                 lr=1e-3, warmup_steps=100, weight_decay=0.1, puzzle_emb_lr=1e-3, puzzle_emb_weight_decay=0.1,
-                ema=0.99, epochs=0, max_steps=3000, eval_interval=1000, eval_limit=500, checkpoint_interval=1000),
+                ema=0.99, epochs=0, max_steps=1500, eval_interval=500, eval_limit=1000, checkpoint_interval=500,
+                dtype="bfloat16"),
 }
 
 
