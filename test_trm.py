@@ -481,3 +481,168 @@ def test_a_tiny_model_learns_sudokus_with_few_blanks(workdir):
                    "--lr", "3e-3", "--warmup-steps", "10", "--ema", "0.9", "--max-steps", "150", "--out", "learn"]
     _, _, results = train.train(*train.resolve_config(train.parse_args(args)))
     assert results[-1]["exact"] >= 0.5, f"held-out exact accuracy {results[-1]['exact']:.0%} after 150 steps"
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+def expect_error(capsys, entry, argv, message):
+    with pytest.raises(SystemExit) as e:
+        entry(argv)
+    err = capsys.readouterr().err
+    assert e.value.code != 0
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err, err
+
+
+@pytest.fixture(scope="module")
+def damaged(workdir):
+    """A good checkpoint, a truncated copy, a text file and a malformed CSV."""
+    run_train("--max-steps", "1", "--out", "good")
+    good = train.checkpoints_in("good")[-1]
+    blob = open(good, "rb").read()
+    open("truncated.pt", "wb").write(blob[: len(blob) // 2])
+    open("notes.pt", "w").write("not a checkpoint")
+    open("wrong.csv", "w").write("id,puzzle\n1,2\n")
+    return good
+
+
+BAD_COMMAND_LINES = [
+    (["--task", "chess"], "unknown task 'chess'; expected one of sudoku, maze, arc"),
+    (["--preset", "huge"], "unknown preset 'huge' for sudoku; expected one of paper, cpu"),
+    (["--n", "0"], "--n is 0; expected a whole number of at least 1"),
+    (["--T", "0"], "--T is 0; expected a whole number of at least 1"),
+    (["--n-sup", "0"], "--n-sup is 0; expected a whole number of at least 1"),
+    (["--batch-size", "0"], "--batch-size is 0; expected a whole number of at least 1"),
+    (["--batch-size", "100000"], "--batch-size 100000 is larger than the 120 training rows"),
+    (["--d-model", "30"], "--d-model 30 is not divisible by --n-heads 4"),
+    (["--ema", "1.5"], "--ema is 1.5; expected a rate in [0, 1)"),
+    (["--dtype", "float16"], "--dtype is 'float16'; expected auto, float32 or bfloat16"),
+    (["--max-steps", "-3"], "--max-steps is -3; expected a whole number of at least 0"),
+    (["--lr", "0"], "--lr is 0.0; expected a positive learning rate"),
+    (["--data", "missing.csv"], "--data 'missing.csv' is neither generate, hub, auto nor an existing CSV"),
+    (["--data", "wrong.csv", "--out", "w"], "wrong.csv line 1 has the columns id,puzzle; expected source,question,answer,rating"),
+    (["--resume", "missing.pt"], "checkpoint missing.pt does not exist"),
+    (["--resume", "truncated.pt"], "checkpoint truncated.pt could not be read"),
+    (["--resume", "notes.pt"], "checkpoint notes.pt could not be read"),
+    (["--resume", "auto", "--out", "empty"], "--resume auto found no complete checkpoint in empty"),
+    (["--resume", "GOOD", "--d-model", "64"], "was trained with d_model 32, not 64"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_COMMAND_LINES, ids=[" ".join(a) for a, _ in BAD_COMMAND_LINES])
+def test_bad_command_lines_fail_with_one_sentence(damaged, capsys, args, message):
+    args = [damaged if a == "GOOD" else a for a in args]
+    expect_error(capsys, train.main, TINY + ["--max-steps", "1"] + args, message)
+
+
+BAD_EVALUATIONS = [
+    (["--checkpoint", "missing.pt"], "checkpoint missing.pt does not exist"),
+    (["--checkpoint", "truncated.pt"], "checkpoint truncated.pt could not be read"),
+    (["--checkpoint", "GOOD", "--solve", "123"], "--solve puzzle"),
+    (["--checkpoint", "GOOD", "--solve", "x" * 81], "--solve puzzle"),
+    (["--checkpoint", "GOOD", "--steps", "0"], "--steps, --limit and --batch-size must be positive"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_EVALUATIONS, ids=[" ".join(a)[:40] for a, _ in BAD_EVALUATIONS])
+def test_bad_evaluations_fail_with_one_sentence(damaged, capsys, args, message):
+    expect_error(capsys, evaluate.main, [damaged if a == "GOOD" else a for a in args], message)
+
+
+def test_a_real_process_exits_non_zero_without_traceback(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--task", "sudoku", "--n", "0"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr == "error: --n is 0; expected a whole number of at least 1\n"
+
+
+# ----------------------------------------------------------------------------------- crashes and NaN
+import random
+import signal
+import time
+
+
+def wait_for(path, proc, seconds=120):
+    end = time.time() + seconds
+    while not os.path.exists(path):
+        assert proc.poll() is None, f"the process ended before {path} appeared: {proc.stderr.read()}"
+        assert time.time() < end, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def start_train(args, cwd, script=None):
+    cmd = [sys.executable] + (["-c", script] if script else [os.path.join(HERE, "train.py")]) + TINY + args
+    env = dict(os.environ, PYTHONPATH=HERE)
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(workdir):
+    run_train("--max-steps", "8", "--out", "straight")
+    kill_after = random.randint(2, 6)
+    proc = start_train(["--max-steps", "8", "--checkpoint-interval", "1", "--out", "killed"], workdir)
+    wait_for(os.path.join("killed", f"ckpt_{kill_after:08d}.pt"), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert final_state("killed")["step"] < 8, "the process finished before it was killed"
+    run_train("--max-steps", "8", "--resume", "auto", "--out", "killed")
+    straight, resumed = final_state("straight"), final_state("killed")
+    for key in ("model", "ema"):
+        for name, value in straight[key].items():
+            assert torch.equal(value, resumed[key][name]), f"{key} {name} differs (killed after step {kill_after})"
+
+
+# Runs train.main with torch.save writing half of checkpoint 2, then hanging, so the test can kill it there.
+HALF_WRITE = """
+import io, os, sys, time, torch, train
+real_save = torch.save
+def half_save(obj, f):
+    if obj["step"] != 2:
+        return real_save(obj, f)
+    buf = io.BytesIO()
+    real_save(obj, buf)
+    f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    f.flush()
+    open("writing", "w").close()
+    time.sleep(600)
+torch.save = half_save
+train.main(sys.argv[1:])
+"""
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(workdir, capsys):
+    os.makedirs("halfway", exist_ok=True)
+    proc = start_train(["--max-steps", "4", "--checkpoint-interval", "1", "--out", "."], "halfway", HALF_WRITE)
+    wait_for(os.path.join("halfway", "writing"), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [os.path.basename(p) for p in train.checkpoints_in("halfway")] == ["ckpt_00000001.pt"]
+    run_train("--max-steps", "4", "--resume", "auto", "--out", "halfway")
+    out = capsys.readouterr().out
+    assert "resumed at step 1 from halfway/ckpt_00000001.pt" in out and final_state("halfway")["step"] == 4
+
+
+def poison_step(monkeypatch, bad_call):
+    """Make the loss of the bad_call-th supervision step NaN."""
+    real, calls = train.deep_supervision_loss, [0]
+    def poisoned(*args):
+        calls[0] += 1
+        total, lm, halt, correct = real(*args)
+        return (total * float("nan") if calls[0] == bad_call else total), lm, halt, correct
+    monkeypatch.setattr(train, "deep_supervision_loss", poisoned)
+
+
+def test_nan_loss_stops_training_and_the_checkpoint_on_disk_still_loads(workdir, capsys, monkeypatch):
+    poison_step(monkeypatch, 4)
+    expect_error(capsys, train.main, TINY + ["--max-steps", "6", "--checkpoint-interval", "2", "--out", "nan"],
+                 "step 4 has a non-finite loss or gradient, so training stopped before updating; "
+                 "the last checkpoint, nan/ckpt_00000002.pt, is intact")
+    state = train.load_checkpoint(train.checkpoints_in("nan")[-1])
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_skip_nonfinite_skips_the_step_and_counts_it(workdir, capsys, monkeypatch):
+    poison_step(monkeypatch, 3)
+    run_train("--max-steps", "5", "--skip-nonfinite", "1", "--out", "nan_skip")
+    out = capsys.readouterr().out
+    assert "step 3: non-finite loss or gradient, skipped (1 of at most 1)" in out
+    state = final_state("nan_skip")
+    assert state["step"] == 5 and all(torch.isfinite(v).all() for v in state["model"].values())
