@@ -18,7 +18,7 @@ import urllib.request
 
 import numpy as np
 
-from data import PAD, DataError, dihedral
+from data import PAD, Dataset, DataError, dihedral
 
 CHARSET = "# SGo"
 WALL, OPEN, START, GOAL, PATH = 1, 2, 3, 4, 5
@@ -471,3 +471,107 @@ def draw(question, prediction, answer=None, path="maze.png", title=None):
         fig.suptitle(title)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     return path
+
+
+# ------------------------------------------------------------------------------------ training glue
+
+PRESETS = {
+    # The reference's Maze-Hard run: attention with RoPE, n 4, T 3, 1000 mazes x the 8 dihedral transforms.
+    "paper": dict(data="auto", size=30, train_puzzles=1000, num_aug=7, test_puzzles=0, vocab_size=VOCAB_SIZE,
+                  seq_len=900, d_model=512, n_layers=2, n_heads=8, expansion=4.0, mlp_t=False, rope=True,
+                  puzzle_emb_len=16, n=4, T=3, N_sup=16, batch_size=768, lr=1e-4, warmup_steps=2000,
+                  weight_decay=1.0, puzzle_emb_lr=1e-4, puzzle_emb_weight_decay=1.0, ema=0.999, epochs=50000,
+                  eval_interval=5000, eval_limit=1000, checkpoint_interval=5000),
+    # Small mazes that 2 CPU cores learn in about 10 minutes (see README for the figures).
+    "cpu": dict(data="generate", size=10, train_puzzles=4000, num_aug=7, test_puzzles=1000, vocab_size=VOCAB_SIZE,
+                seq_len=100, d_model=64, n_layers=2, n_heads=4, expansion=4.0, mlp_t=False, rope=True,
+                puzzle_emb_len=1, n=2, T=2, N_sup=8, batch_size=128, lr=1e-3, warmup_steps=100, weight_decay=0.1,
+                puzzle_emb_lr=1e-3, puzzle_emb_weight_decay=0.1, ema=0.99, epochs=0, max_steps=1500,
+                eval_interval=500, eval_limit=1000, checkpoint_interval=500, dtype="bfloat16"),
+}
+
+
+def load_source(tcfg, split):
+    """(questions, answers, source name): Maze-Hard (30x30 only) from a path, the cache or the hub, or
+    generated mazes; "auto" falls back to generated mazes, saying so."""
+    count = tcfg.train_puzzles if split == "train" else tcfg.test_puzzles
+    if tcfg.data in ("hub", "auto") or os.path.exists(tcfg.data):
+        try:
+            if tcfg.size != 30:
+                raise DataError(f"Maze-Hard has 30x30 mazes, not {tcfg.size}x{tcfg.size}")
+            q, a, _ = load_hard(split, path=None if tcfg.data in ("hub", "auto") else tcfg.data)
+        except DataError as e:
+            if tcfg.data != "auto":
+                raise
+            print(f"Maze-Hard is not available ({e}); using generated mazes instead")
+        else:
+            if count and count < len(q):
+                keep = np.sort(np.random.default_rng(tcfg.data_seed).choice(len(q), count, replace=False))
+                q, a = q[keep], a[keep]
+            return q, a, "maze-hard"
+    elif tcfg.data != "generate":
+        raise DataError(f"--data {tcfg.data!r} is neither generate, hub, auto nor an existing CSV file or folder")
+    seed = tcfg.data_seed * 2 + (split == "test")     # held-out mazes come from another seed
+    q, a, _ = generate(count or 1000, size=tcfg.size, min_path=tcfg.min_path or None, seed=seed)
+    return q, a, "generated"
+
+
+def build_datasets(tcfg, splits=("train", "test")):
+    """Train: each maze in a group with its first 1 + num_aug dihedral transforms; test: mazes as they are.
+    Cached under data/maze/ by their settings."""
+    if not 0 <= tcfg.num_aug <= 7:
+        raise DataError(f"--num-aug is {tcfg.num_aug}; a maze has 8 dihedral versions, so expected 0 to 7")
+    out = []
+    for split in ("train", "test"):
+        if split not in splits:
+            out.append(None)
+            continue
+        count = tcfg.train_puzzles if split == "train" else tcfg.test_puzzles
+        key = f"{tcfg.data}-{split}-{count}-aug{tcfg.num_aug if split == 'train' else 0}-n{tcfg.size}-p{tcfg.min_path}-s{tcfg.data_seed}"
+        folder = os.path.join("data", "maze", key.replace(os.sep, "_"))
+        if not os.path.exists(os.path.join(folder, "meta.json")):
+            q, a, source = load_source(tcfg, split)
+            if split == "train":
+                versions = tcfg.num_aug + 1
+                q8, a8 = all_dihedral(q, a)                                    # [N, 8, L] each
+                q, a = q8[:, :versions].reshape(-1, q.shape[1]), a8[:, :versions].reshape(-1, q.shape[1])
+                ds = Dataset(q, a, np.zeros(len(q), np.int32), np.arange(0, len(q) + 1, versions, dtype=np.int64),
+                             VOCAB_SIZE, 1)
+            else:
+                ds = Dataset.ungrouped(q, a, VOCAB_SIZE)
+            ds.save(folder)
+            print(f"built {split} set from {source} mazes: {len(q)} rows in {folder}")
+        out.append(Dataset.load(folder))
+    return tuple(out)
+
+
+def check(inputs, preds):
+    """Share of predictions that are shortest start-to-goal paths (token arrays [N, L] in, bool [N] out)."""
+    return check_paths(inputs.astype(np.uint8), preds.astype(np.uint8))[1]
+
+
+def parse_solve(text, mcfg):
+    """`evaluate.py --solve FILE`: a maze as lines of "# SG" characters (or one string). No labels: the
+    prediction is judged by the checker instead."""
+    if os.path.isfile(text):
+        with open(text) as f:
+            text = "".join(line.rstrip("\n") for line in f)
+    size = math.isqrt(mcfg.seq_len)
+    q = encode(text, size)
+    if (q == 3).sum() != 1 or (q == 4).sum() != 1 or (q == 5).any():
+        raise DataError(f"the --solve maze needs exactly one S and one G and no 'o' cells")
+    return q, np.zeros_like(q)
+
+
+def describe_solution(inputs, pred):
+    size = math.isqrt(inputs.shape[1])
+    is_path, is_shortest = check_paths(inputs.astype(np.uint8), pred[None].astype(np.uint8))
+    grid = decode(pred.astype(np.uint8), size)
+    rows = [grid[r * size:(r + 1) * size] for r in range(size)]
+    verdict = "a shortest path" if is_shortest[0] else ("a path, but not a shortest one" if is_path[0] else "NOT a path")
+    return "\n".join(rows + [f"the prediction is {verdict} from S to G"])
+
+
+def draw_steps(inputs, labels, steps, path):
+    answer = labels[0] if labels[0].any() else None
+    return draw(inputs[0], steps[-1], answer=answer, path=path)
