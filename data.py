@@ -4,8 +4,13 @@ A dataset is a set of fixed-length token sequences (inputs and labels, both [N, 
 every row of a group is one augmentation of the same puzzle. An epoch draws one row per group, in a
 random order, as the reference does. Token 0 is padding everywhere and is never a training target.
 """
+import http.client
 import json
 import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +70,12 @@ class Dataset:
             raise DataError(f"dataset groups do not tile its {n} rows; expected increasing offsets from 0 to {n}")
 
     @classmethod
+    def grouped(cls, inputs, labels, versions, vocab_size):
+        """Consecutive runs of `versions` rows are augmentations of one puzzle; one shared puzzle id."""
+        n = len(inputs)
+        return cls(inputs, labels, np.zeros(n, np.int32), np.arange(0, n + 1, versions, dtype=np.int64), vocab_size, 1)
+
+    @classmethod
     def ungrouped(cls, inputs, labels, vocab_size):
         """One row per puzzle, one shared puzzle id: test sets, and tasks with no puzzle-id embedding."""
         n = len(inputs)
@@ -101,6 +112,80 @@ class Dataset:
                   for name in ("inputs", "labels", "puzzle_ids", "group_starts")}
         return cls(vocab_size=meta["vocab_size"], num_puzzle_ids=meta["num_puzzle_ids"], **arrays)
 
+
+def cached(folder, build):
+    """The dataset saved in folder, built by build() and saved there first if it is not."""
+    if not os.path.exists(os.path.join(folder, "meta.json")):
+        ds = build()
+        ds.save(folder)
+        print(f"built {folder}: {len(ds.inputs)} rows in {ds.num_groups} groups")
+    return Dataset.load(folder)
+
+
+# ------------------------------------------------------------------------------ data from the hub
+
+def download(url, dest):
+    """Fetch url to dest through a temporary file, so an interrupted download never looks finished."""
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=30) as r:
+            print(f"downloading {url} to {dest}")
+            shutil.copyfileobj(r, f, 1 << 20)
+            size = r.headers.get("Content-Length")
+            # http.client returns a short body without raising when the connection drops
+            if size is not None and f.tell() != int(size):
+                raise OSError(f"the connection closed after {f.tell()} of {size} bytes")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def hub_csv(name, split, path, cache_dir, url, read_csv):
+    """read_csv of a split's CSV: from path (a file, or a folder holding {split}.csv), else from cache_dir,
+    else downloaded from the Hugging Face hub (url has a {split} field) into cache_dir."""
+    if split not in ("train", "test"):
+        raise DataError(f"{name} has no split {split!r}; expected 'train' or 'test'")
+    if path is not None:
+        return read_csv(os.path.join(path, f"{split}.csv") if os.path.isdir(path) else path)
+    file = os.path.join(os.path.expanduser(cache_dir), f"{split}.csv")
+    if not os.path.isfile(file):
+        url = url.format(split=split)
+        try:
+            download(url, file)
+        except (OSError, http.client.HTTPException) as e:   # every failure to fetch ends in the same advice
+            reason = f"HTTP {e.code}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", None) or e
+            raise DataError(f"{name} {split}.csv was not found locally ({file}) and {url} could not be downloaded "
+                            f"({reason}); pass a local file or folder with --data PATH") from None
+    return read_csv(file)
+
+
+def real_or_generated(tcfg, split, name, load, generate):
+    """(inputs, answers, source) of a split from --data: a local CSV path, "hub", "generate", or "auto" (the
+    real set from the cache or hub, else generated puzzles, saying so). A puzzle count below the file's size
+    takes a seeded random subset, as the reference samples its 1000 training puzzles."""
+    count = tcfg.train_puzzles if split == "train" else tcfg.test_puzzles
+    if tcfg.data in ("hub", "auto") or os.path.exists(tcfg.data):
+        try:
+            q, a, _ = load(split, None if tcfg.data in ("hub", "auto") else tcfg.data)
+        except DataError as e:
+            if tcfg.data != "auto":
+                raise
+            print(f"{name} is not available ({e}); using generated puzzles instead")
+        else:
+            if count and count < len(q):
+                keep = np.sort(np.random.default_rng(tcfg.data_seed).choice(len(q), count, replace=False))
+                q, a = q[keep], a[keep]
+            return q, a, name
+    elif tcfg.data != "generate":
+        raise DataError(f"--data {tcfg.data!r} is neither generate, hub, auto nor an existing CSV file or folder")
+    # Different seeds keep the held-out puzzles apart from the training puzzles.
+    q, a, _ = generate(count or 1000, seed=tcfg.data_seed * 2 + (split == "test"))
+    return q, a, "generated"
+
+
+# ------------------------------------------------------------------------------------------ batching
 
 def epoch_rows(ds, seed, epoch):
     """The rows of one epoch: one random augmentation of every group, groups in random order.

@@ -8,17 +8,12 @@ Path lengths count cells, S and G included (S next to G is a path of 2); ratings
 the same convention.
 """
 import csv
-import http.client
 import math
 import os
-import shutil
-import tempfile
-import urllib.error
-import urllib.request
 
 import numpy as np
 
-from data import PAD, Dataset, DataError, dihedral
+from data import PAD, Dataset, DataError, cached, dihedral, hub_csv, real_or_generated
 
 CHARSET = "# SGo"
 WALL, OPEN, START, GOAL, PATH = 1, 2, 3, 4, 5
@@ -138,39 +133,9 @@ def read_csv(path, size=30):
 
 
 def load_hard(split, path=None, cache_dir=None):
-    """Maze-Hard split 'train' or 'test' from path (a CSV file, or a folder holding {split}.csv), else from the
-    cache, else downloaded into the cache. Returns read_csv's (questions, answers, ratings)."""
-    if split not in ("train", "test"):
-        raise DataError(f"Maze-Hard split {split!r} does not exist; expected 'train' or 'test'")
-    if path is not None:
-        return read_csv(os.path.join(path, f"{split}.csv") if os.path.isdir(path) else path)
-    file = os.path.join(cache_dir or CACHE_DIR, f"{split}.csv")
-    if not os.path.isfile(file):
-        try:
-            _download(HUB_URL.format(split=split), file)
-        except (OSError, http.client.HTTPException) as e:
-            reason = f"HTTP {e.code}" if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
-            raise DataError(f"Maze-Hard {split}.csv was not found locally ({file}) and the Hugging Face hub is "
-                            f"unreachable ({reason}); pass a local path with --data PATH") from None
-    return read_csv(file)
-
-
-def _download(url, dest):
-    """Download url to dest through a temporary file, so an interrupted download never looks finished."""
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=30) as response:
-            print(f"downloading {url} to {dest}")
-            shutil.copyfileobj(response, f)
-            size = response.headers.get("Content-Length")
-            # http.client returns a short body without raising when the connection drops
-            if size is not None and f.tell() != int(size):
-                raise OSError(f"the connection closed after {f.tell()} of {size} bytes")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Maze-Hard split 'train' or 'test' as read_csv's triple: from path (a CSV file, or a folder holding
+    {split}.csv), else from the cache, else downloaded into the cache."""
+    return hub_csv("Maze-Hard", split, path, cache_dir or CACHE_DIR, HUB_URL, read_csv)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -491,58 +456,36 @@ PRESETS = {
 }
 
 
-def load_source(tcfg, split):
-    """(questions, answers, source name): Maze-Hard (30x30 only) from a path, the cache or the hub, or
-    generated mazes; "auto" falls back to generated mazes, saying so."""
-    count = tcfg.train_puzzles if split == "train" else tcfg.test_puzzles
-    if tcfg.data in ("hub", "auto") or os.path.exists(tcfg.data):
-        try:
-            if tcfg.size != 30:
-                raise DataError(f"Maze-Hard has 30x30 mazes, not {tcfg.size}x{tcfg.size}")
-            q, a, _ = load_hard(split, path=None if tcfg.data in ("hub", "auto") else tcfg.data)
-        except DataError as e:
-            if tcfg.data != "auto":
-                raise
-            print(f"Maze-Hard is not available ({e}); using generated mazes instead")
-        else:
-            if count and count < len(q):
-                keep = np.sort(np.random.default_rng(tcfg.data_seed).choice(len(q), count, replace=False))
-                q, a = q[keep], a[keep]
-            return q, a, "maze-hard"
-    elif tcfg.data != "generate":
-        raise DataError(f"--data {tcfg.data!r} is neither generate, hub, auto nor an existing CSV file or folder")
-    seed = tcfg.data_seed * 2 + (split == "test")     # held-out mazes come from another seed
-    q, a, _ = generate(count or 1000, size=tcfg.size, min_path=tcfg.min_path or None, seed=seed)
-    return q, a, "generated"
-
-
 def build_datasets(tcfg, splits=("train", "test")):
     """Train: each maze in a group with its first 1 + num_aug dihedral transforms; test: mazes as they are.
     Cached under data/maze/ by their settings."""
     if not 0 <= tcfg.num_aug <= 7:
         raise DataError(f"--num-aug is {tcfg.num_aug}; a maze has 8 dihedral versions, so expected 0 to 7")
-    out = []
-    for split in ("train", "test"):
-        if split not in splits:
-            out.append(None)
-            continue
-        count = tcfg.train_puzzles if split == "train" else tcfg.test_puzzles
-        key = f"{tcfg.data}-{split}-{count}-aug{tcfg.num_aug if split == 'train' else 0}-n{tcfg.size}-p{tcfg.min_path}-s{tcfg.data_seed}"
-        folder = os.path.join("data", "maze", key.replace(os.sep, "_"))
-        if not os.path.exists(os.path.join(folder, "meta.json")):
-            q, a, source = load_source(tcfg, split)
-            if split == "train":
-                versions = tcfg.num_aug + 1
-                q8, a8 = all_dihedral(q, a)                                    # [N, 8, L] each
-                q, a = q8[:, :versions].reshape(-1, q.shape[1]), a8[:, :versions].reshape(-1, q.shape[1])
-                ds = Dataset(q, a, np.zeros(len(q), np.int32), np.arange(0, len(q) + 1, versions, dtype=np.int64),
-                             VOCAB_SIZE, 1)
-            else:
-                ds = Dataset.ungrouped(q, a, VOCAB_SIZE)
-            ds.save(folder)
-            print(f"built {split} set from {source} mazes: {len(q)} rows in {folder}")
-        out.append(Dataset.load(folder))
-    return tuple(out)
+
+    def hard(split, path):
+        if tcfg.size != 30:
+            raise DataError(f"Maze-Hard has 30x30 mazes, not {tcfg.size}x{tcfg.size}")
+        return load_hard(split, path)
+
+    def generated(count, seed):
+        return generate(count, size=tcfg.size, min_path=tcfg.min_path or None, seed=seed)
+
+    def build(split):
+        q, a, source = real_or_generated(tcfg, split, "Maze-Hard", hard, generated)
+        print(f"{split} set: {len(q)} {source} mazes")
+        if split == "test":
+            return Dataset.ungrouped(q, a, VOCAB_SIZE)
+        versions = tcfg.num_aug + 1
+        q8, a8 = all_dihedral(q, a)                                            # [N, 8, L] each
+        return Dataset.grouped(q8[:, :versions].reshape(-1, q.shape[1]), a8[:, :versions].reshape(-1, q.shape[1]),
+                               versions, VOCAB_SIZE)
+
+    def folder(split):
+        count, aug = (tcfg.train_puzzles, tcfg.num_aug) if split == "train" else (tcfg.test_puzzles, 0)
+        key = f"{tcfg.data}-{split}-{count}-aug{aug}-n{tcfg.size}-p{tcfg.min_path}-s{tcfg.data_seed}"
+        return os.path.join("data", "maze", key.replace(os.sep, "_"))
+
+    return tuple(cached(folder(split), lambda: build(split)) if split in splits else None for split in ("train", "test"))
 
 
 def check(inputs, preds):

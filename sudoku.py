@@ -5,14 +5,10 @@ A grid is a numpy uint8 array of 81 digits, row-major, 0 for a blank ([N, 81] fo
 The solver works on candidate bitmasks: bit k of a cell's mask set means digit k + 1 is still possible.
 """
 import os
-import shutil
-import tempfile
-import urllib.error
-import urllib.request
 
 import numpy as np
 
-from data import Dataset, DataError
+from data import Dataset, DataError, cached, hub_csv, real_or_generated
 
 ROWS = [[r * 9 + c for c in range(9)] for r in range(9)]
 COLS = [[r * 9 + c for r in range(9)] for c in range(9)]
@@ -28,7 +24,7 @@ MAX_BLANKS = 60
 CHUNK = 1 << 16  # rows per numpy pass: on a million rows, paging in huge temporaries costs more than the work
 
 HEADER = ["source", "question", "answer", "rating"]
-HUB_URL = "https://huggingface.co/datasets/sapientinc/sudoku-extreme/resolve/main/{}.csv"
+HUB_URL = "https://huggingface.co/datasets/sapientinc/sudoku-extreme/resolve/main/{split}.csv"
 CACHE_DIR = "~/.cache/trm/sudoku-extreme"
 
 
@@ -116,41 +112,10 @@ def read_csv(path):
     return questions, answers, np.array(ratings).astype(np.int64)
 
 
-def _download(url, dest):
-    """Fetch url to dest through a temporary file, so an interrupted download never looks finished."""
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=30) as r:
-            print(f"downloading {url} to {dest}")
-            shutil.copyfileobj(r, f, 1 << 20)
-            size = r.headers.get("Content-Length")
-            # http.client returns a short body without raising when the connection drops
-            if size is not None and f.tell() != int(size):
-                raise OSError(f"the connection closed after {f.tell()} of {size} bytes")
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def load_extreme(split, path=None, cache_dir=None):
-    """Sudoku-Extreme split "train" or "test" as read_csv's triple. path: the CSV file or a folder holding
-    {split}.csv; without it the file comes from cache_dir, downloaded from the Hugging Face hub when absent."""
-    if split not in ("train", "test"):
-        raise DataError(f"Sudoku-Extreme has no split {split!r}; expected 'train' or 'test'")
-    if path is not None:
-        return read_csv(os.path.join(path, f"{split}.csv") if os.path.isdir(path) else path)
-    local = os.path.join(os.path.expanduser(cache_dir or CACHE_DIR), f"{split}.csv")
-    if not os.path.exists(local):
-        url = HUB_URL.format(split)
-        try:
-            _download(url, local)
-        except Exception as e:  # any failure to fetch ends in the same advice
-            reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", None) or e
-            raise DataError(f"{local} was not found and {url} could not be downloaded ({reason}); download "
-                            f"{split}.csv elsewhere and pass its file or folder with --data PATH") from e
-    return read_csv(local)
+    """Sudoku-Extreme split "train" or "test" as read_csv's triple: from path (the CSV file or a folder
+    holding {split}.csv), else from cache_dir, downloaded from the Hugging Face hub when absent."""
+    return hub_csv("Sudoku-Extreme", split, path, cache_dir or CACHE_DIR, HUB_URL, read_csv)
 
 
 # ----------------------------------------------------------------------------- solver
@@ -448,30 +413,6 @@ PRESETS = {
 }
 
 
-def load_source(tcfg, split):
-    """(questions, answers, source name) for a split: generated puzzles, Sudoku-Extreme from the hub (cached),
-    or a local CSV; "auto" tries Sudoku-Extreme and falls back to generated puzzles, saying so."""
-    count = tcfg.train_puzzles if split == "train" else tcfg.test_puzzles
-    if tcfg.data in ("hub", "auto") or os.path.exists(tcfg.data):
-        try:
-            q, a, _ = load_extreme(split, path=None if tcfg.data in ("hub", "auto") else tcfg.data)
-        except DataError as e:
-            if tcfg.data != "auto":
-                raise
-            print(f"Sudoku-Extreme is not available ({e}); using generated puzzles instead")
-        else:
-            if count and count < len(q):   # a seeded random subset, as the reference samples 1000 puzzles
-                keep = np.sort(np.random.default_rng(tcfg.data_seed).choice(len(q), count, replace=False))
-                q, a = q[keep], a[keep]
-            return q, a, "sudoku-extreme"
-    elif tcfg.data != "generate":
-        raise DataError(f"--data {tcfg.data!r} is neither generate, hub, auto nor an existing CSV file or folder")
-    # Different seeds keep the held-out puzzles apart from the training puzzles.
-    seed = tcfg.data_seed * 2 + (split == "test")
-    q, a, _ = generate(count or 1000, tcfg.min_blanks, tcfg.max_blanks, seed=seed, min_effort=tcfg.difficulty)
-    return q, a, "generated"
-
-
 def augmented_groups(q, a, num_aug, seed):
     """Each puzzle followed by num_aug random augmentations of it: one group of 1 + num_aug rows per puzzle."""
     rng = np.random.default_rng(seed)
@@ -485,27 +426,23 @@ def augmented_groups(q, a, num_aug, seed):
 
 def build_datasets(tcfg, splits=("train", "test")):
     """The tokenised train (augmented) and test (as is) sets, cached under data/sudoku/ by their settings."""
-    out = []
-    for split in ("train", "test"):
-        if split not in splits:
-            out.append(None)
-            continue
-        key = (f"{tcfg.data}-{split}-{tcfg.train_puzzles if split == 'train' else tcfg.test_puzzles}"
-               f"-aug{tcfg.num_aug if split == 'train' else 0}-b{tcfg.min_blanks}-{tcfg.max_blanks}"
-               f"-d{tcfg.difficulty}-s{tcfg.data_seed}")
-        folder = os.path.join("data", "sudoku", key.replace(os.sep, "_"))
-        if not os.path.exists(os.path.join(folder, "meta.json")):
-            q, a, source = load_source(tcfg, split)
-            if split == "train":
-                q, a = augmented_groups(q, a, tcfg.num_aug, tcfg.data_seed)
-                ds = Dataset(q + 1, a + 1, np.zeros(len(q), np.int32),
-                             np.arange(0, len(q) + 1, tcfg.num_aug + 1, dtype=np.int64), VOCAB_SIZE, 1)
-            else:
-                ds = Dataset.ungrouped(q + 1, a + 1, VOCAB_SIZE)
-            ds.save(folder)
-            print(f"built {split} set from {source} puzzles: {len(q)} rows in {folder}")
-        out.append(Dataset.load(folder))
-    return tuple(out)
+    def generated(count, seed):
+        return generate(count, tcfg.min_blanks, tcfg.max_blanks, seed=seed, min_effort=tcfg.difficulty)
+
+    def build(split):
+        q, a, source = real_or_generated(tcfg, split, "Sudoku-Extreme", load_extreme, generated)
+        print(f"{split} set: {len(q)} {source} puzzles")
+        if split == "test":
+            return Dataset.ungrouped(q + 1, a + 1, VOCAB_SIZE)
+        q, a = augmented_groups(q, a, tcfg.num_aug, tcfg.data_seed)
+        return Dataset.grouped(q + 1, a + 1, tcfg.num_aug + 1, VOCAB_SIZE)
+
+    def folder(split):
+        count, aug = (tcfg.train_puzzles, tcfg.num_aug) if split == "train" else (tcfg.test_puzzles, 0)
+        key = f"{tcfg.data}-{split}-{count}-aug{aug}-b{tcfg.min_blanks}-{tcfg.max_blanks}-d{tcfg.difficulty}-s{tcfg.data_seed}"
+        return os.path.join("data", "sudoku", key.replace(os.sep, "_"))
+
+    return tuple(cached(folder(split), lambda: build(split)) if split in splits else None for split in ("train", "test"))
 
 
 def check(inputs, preds):

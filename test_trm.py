@@ -381,7 +381,7 @@ def test_sudoku_csv_reader_names_the_problem(tmp_path, rows, header, message):
 
 
 def test_unreachable_hub_gives_one_clear_sentence(tmp_path, monkeypatch):
-    monkeypatch.setattr(sudoku, "HUB_URL", "http://127.0.0.1:9/{}.csv")
+    monkeypatch.setattr(sudoku, "HUB_URL", "http://127.0.0.1:9/{split}.csv")
     with pytest.raises(data.DataError, match="--data PATH"):
         sudoku.load_extreme("test", cache_dir=str(tmp_path))
     assert os.listdir(tmp_path) == []
