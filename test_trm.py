@@ -4,6 +4,7 @@ The gradient boundaries come first and are judged by what autograd does: which t
 which calls of the net receive gradient, and whether a supervision step's gradient reaches the previous one.
 """
 import contextlib
+import json
 import math
 import os
 import subprocess
@@ -526,6 +527,7 @@ BAD_COMMAND_LINES = [
     (["--resume", "notes.pt"], "checkpoint notes.pt could not be read"),
     (["--resume", "auto", "--out", "empty"], "--resume auto found no complete checkpoint in empty"),
     (["--resume", "GOOD", "--d-model", "64"], "was trained with d_model 32, not 64"),
+    (["--task", "maze", "--resume", "GOOD"], "was trained with task sudoku, not maze"),
 ]
 
 
@@ -547,6 +549,32 @@ BAD_EVALUATIONS = [
 @pytest.mark.parametrize("args,message", BAD_EVALUATIONS, ids=[" ".join(a)[:40] for a, _ in BAD_EVALUATIONS])
 def test_bad_evaluations_fail_with_one_sentence(damaged, capsys, args, message):
     expect_error(capsys, evaluate.main, [damaged if a == "GOOD" else a for a in args], message)
+
+
+def arc_task(grid):
+    return {"train": [{"input": grid, "output": [[1]]}], "test": [{"input": [[1]], "output": [[2]]}]}
+
+
+BAD_FILES = [
+    ("maze.csv", "source,question,answer,rating\ns," + "x" * 900 + "," + " " * 900 + ",1\n", "maze", "line 2"),
+    ("maze.csv", "source,question\n", "maze", "line 1 has columns source,question; expected source,question,answer,rating"),
+    ("maze.csv", "source,question,answer,rating\ns," + " " * 899 + "," + " " * 900 + ",1\n", "maze", "899"),
+    ("big.json", json.dumps(arc_task([[0] * 31] * 31)), "arc", "31x31"),
+    ("ragged.json", json.dumps(arc_task([[0, 1], [2]])), "arc", "rows of 1 to 2 cells"),
+    ("colour.json", json.dumps(arc_task([[0, 12]])), "arc", "the colour 12"),
+    ("broken.json", '{"train": [', "arc", "is not valid JSON"),
+    ("notrain.json", json.dumps({"train": [], "test": [{"input": [[1]]}]}), "arc", "has no train pairs"),
+]
+
+
+@pytest.mark.parametrize("name,text,reader,message", BAD_FILES, ids=[f"{r}-{m[:20]}" for n, t, r, m in BAD_FILES])
+def test_bad_maze_and_arc_files_name_the_problem(tmp_path, name, text, reader, message):
+    import arc
+    import maze
+    (tmp_path / name).write_text(text)
+    with pytest.raises(data.DataError, match=message) as e:
+        maze.read_csv(str(tmp_path / name)) if reader == "maze" else arc.load_directory(str(tmp_path))
+    assert name in str(e.value) or reader == "arc" and name[:-5] in str(e.value)
 
 
 def test_a_real_process_exits_non_zero_without_traceback(tmp_path):
@@ -646,3 +674,85 @@ def test_skip_nonfinite_skips_the_step_and_counts_it(workdir, capsys, monkeypatc
     assert "step 3: non-finite loss or gradient, skipped (1 of at most 1)" in out
     state = final_state("nan_skip")
     assert state["step"] == 5 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+# --------------------------------------------------------------------------------------------- maze
+import maze
+
+
+def count_shortest_paths(question, size):
+    """Independent BFS over a token grid: (length in cells, number of shortest paths) from S to G."""
+    grid = question.reshape(size, size)
+    (s,), (g,) = np.argwhere(grid == 3), np.argwhere(grid == 4)
+    dist, ways, frontier = {tuple(s): 1}, {tuple(s): 1}, [tuple(s)]
+    while frontier:
+        nxt = []
+        for r, c in frontier:
+            for nr, nc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+                if 0 <= nr < size and 0 <= nc < size and grid[nr, nc] != 1:
+                    if (nr, nc) not in dist:
+                        dist[nr, nc], ways[nr, nc] = dist[r, c] + 1, 0
+                        nxt.append((nr, nc))
+                    if dist[nr, nc] == dist[r, c] + 1:
+                        ways[nr, nc] += ways[r, c]
+        frontier = nxt
+    return dist.get(tuple(g)), ways.get(tuple(g))
+
+
+def test_generated_mazes_have_one_shortest_path_of_the_asked_length():
+    q, a, lengths = maze.generate(15, size=10, min_path=19, seed=2)
+    for question, answer, length in zip(q, a, lengths):
+        assert count_shortest_paths(question, 10) == (length, 1) and length >= 19
+        assert (answer == 5).sum() + 2 == length
+    assert maze.check_paths(q, a)[1].all()
+
+
+def test_maze_checker_rejects_broken_longer_and_wall_crossing_paths():
+    q, a, _ = maze.generate(1, size=10, seed=4)
+    path_cells = np.flatnonzero(a[0] == 5)
+    broken = a.copy()
+    broken[0, path_cells[len(path_cells) // 2]] = 2
+    wall = a.copy()
+    wall[0, np.flatnonzero(q[0] == 1)[0]] = 5
+    assert [v.tolist() for v in maze.check_paths(q, a)] == [[True], [True]]
+    for bad in (broken, wall):
+        assert not maze.check_paths(q, bad)[0].any()
+    # A detour: wall off a cell of a solution that has a way around it, and judge the new shortest path
+    # in the original maze: a path, but not a shortest one. Some small mazes have no way around: try several.
+    from collections import deque
+    qs, as_, _ = maze.generate(8, size=10, seed=5)
+    for q, grid, cell in ((q[None], q.reshape(10, 10), cell) for q, a in zip(qs, as_) for cell in np.flatnonzero(a == 5)):
+        (s,), (g,) = np.argwhere(grid == 3), np.argwhere(grid == 4)
+        blocked = grid.copy()
+        blocked[divmod(cell, 10)] = 1
+        prev, todo = {tuple(s): None}, deque([tuple(s)])
+        while todo:
+            r, c = todo.popleft()
+            for nr, nc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+                if 0 <= nr < 10 and 0 <= nc < 10 and blocked[nr, nc] != 1 and (nr, nc) not in prev:
+                    prev[nr, nc] = (r, c)
+                    todo.append((nr, nc))
+        if tuple(g) in prev:
+            break
+    assert tuple(g) in prev, "none of these mazes has a way around a path cell"
+    detour, step = grid.copy(), prev[tuple(g)]
+    while step != tuple(s):
+        detour[step] = 5
+        step = prev[step]
+    assert [v.tolist() for v in maze.check_paths(q, detour.reshape(1, -1))] == [[True], [False]]
+
+
+def test_maze_dihedral_augmentation_keeps_paths_valid_and_inverts():
+    q, a, _ = maze.generate(6, size=10, seed=1)
+    q8, a8 = maze.all_dihedral(q, a)
+    for k in range(8):
+        assert maze.check_paths(q8[:, k], a8[:, k])[1].all()
+        back = data.inverse_dihedral(q8[:, k].reshape(-1, 10, 10), k).reshape(-1, 100)
+        assert np.array_equal(back, q)
+
+
+def test_maze_csv_reader_round_trips(tmp_path):
+    q, a, lengths = maze.generate(3, size=30, seed=0)
+    rows = [("gen", x, y, n) for x, y, n in zip(maze.decode(q, 30), maze.decode(a, 30), lengths)]
+    got_q, got_a, got_r = maze.read_csv(write_csv(tmp_path / "m.csv", rows))
+    assert np.array_equal(got_q, q) and np.array_equal(got_a, a) and np.array_equal(got_r, lengths)
