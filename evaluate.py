@@ -8,6 +8,7 @@ import dataclasses
 import importlib
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -16,12 +17,28 @@ from data import Dataset, DataError, eval_batches
 from model import TRM, TRMConfig, from_reference_state_dict
 
 
+class Progress:
+    """Prints "eval: done/total puzzles, ETA" at most every `every` seconds."""
+
+    def __init__(self, total, every=5.0):
+        self.total, self.every, self.start = total, every, time.time()
+        self.last = self.start
+
+    def __call__(self, done):
+        now = time.time()
+        if now - self.last >= self.every and done < self.total:
+            eta = (now - self.start) / done * (self.total - done)
+            print(f"eval: {done}/{self.total} puzzles, ETA {eta:.0f}s", flush=True)
+            self.last = now
+
+
 @torch.no_grad()
 def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None, keep_preds=False):
     """Run every test puzzle for N supervision steps (no halting) and score the answer after each step.
     Returns one dict per step: exact (whole answer right), token (share of labelled tokens right), count,
     valid (share the task's checker accepts, when it has one), and with keep_preds the predictions."""
     model.eval()
+    progress = Progress(len(ds.inputs) if limit is None else min(limit, len(ds.inputs)))
     exact, token, valid = np.zeros(N), np.zeros(N), np.zeros(N)
     tokens = count = 0
     preds_all = [[] for _ in range(N)] if keep_preds else None
@@ -43,6 +60,7 @@ def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None,
                 preds_all[k].append(preds.cpu().numpy())
         tokens += mask.sum().item()
         count += inputs.shape[0]
+        progress(count)
     results = []
     for k in range(N):
         r = dict(step=k + 1, exact=exact[k] / count, token=token[k] / max(tokens, 1), count=count)

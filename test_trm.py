@@ -756,3 +756,22 @@ def test_maze_csv_reader_round_trips(tmp_path):
     rows = [("gen", x, y, n) for x, y, n in zip(maze.decode(q, 30), maze.decode(a, 30), lengths)]
     got_q, got_a, got_r = maze.read_csv(write_csv(tmp_path / "m.csv", rows))
     assert np.array_equal(got_q, q) and np.array_equal(got_a, a) and np.array_equal(got_r, lengths)
+
+
+def test_micro_batches_accumulate_the_whole_batch_gradient():
+    model = tiny_model(n=2, T=2)
+    batch = tiny_batch(model, B=12)
+    tcfg = train.TrainConfig(batch_size=12, halt_exploration_prob=0.0)
+    results = []
+    for micro in (12, 5):
+        model.zero_grad()
+        carry = train.initial_carry(model, batch)
+        loss, carry, ids, puzzle_grad, stats = train.accumulated_step(train.supervision_step, model, carry, batch,
+                                                                      tcfg, micro, NO_AUTOCAST)
+        results.append((loss, carry, puzzle_grad, [p.grad.clone() for p in model.parameters()]))
+    (loss_a, carry_a, pg_a, grads_a), (loss_b, carry_b, pg_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    torch.testing.assert_close(pg_a, pg_b)
+    torch.testing.assert_close(carry_a["y"], carry_b["y"])
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

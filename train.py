@@ -49,6 +49,7 @@ class TrainConfig:
     data_seed: int = 0
     # optimisation
     batch_size: int = 768
+    micro_batch: int = 0                 # rows per forward/backward, gradients accumulated; 0 = auto (see micro_batch_size)
     lr: float = 1e-4
     warmup_steps: int = 2000
     weight_decay: float = 1.0
@@ -144,6 +145,35 @@ def supervision_step(model, carry, batch, exploration, autocast):
     return loss, new_carry, puzzle_ids, puzzle_rows, stats
 
 
+def micro_batch_size(tcfg, mcfg, device):
+    """Rows per forward/backward: the whole batch on CUDA; on a CPU few enough that the activations kept for
+    the backward pass stay near 8 GB (a float32 batch of 768 paper-sized Sudokus keeps about 35 GB)."""
+    if tcfg.micro_batch:
+        return min(tcfg.micro_batch, tcfg.batch_size)
+    if device.type == "cuda":
+        return tcfg.batch_size
+    budget = 168 * 97 * 512                                    # rows x positions x width of about 8 GB
+    return max(1, min(tcfg.batch_size, budget // ((mcfg.puzzle_emb_len + mcfg.seq_len) * mcfg.d_model)))
+
+
+def accumulated_step(step_fn, model, carry, batch, tcfg, micro, autocast):
+    """Forward and backward of one optimizer step in slices of `micro` rows. The loss is a sum over samples
+    divided by the global batch size, so the accumulated gradients are the whole batch's."""
+    parts = []
+    for i in range(0, tcfg.batch_size, micro):
+        rows = slice(i, i + micro)
+        loss, new_carry, ids, puzzle_rows, stats = step_fn(model, {k: v[rows] for k, v in carry.items()},
+                                                           {k: v[rows] for k, v in batch.items()},
+                                                           tcfg.halt_exploration_prob, autocast)
+        (loss / tcfg.batch_size).backward()
+        parts.append((loss.detach(), new_carry, ids, puzzle_rows.grad, stats))
+    if len(parts) == 1:
+        return parts[0]
+    loss, carries, ids, grads, stats = zip(*parts)
+    return (sum(loss), {k: torch.cat([c[k] for c in carries]) for k in carries[0]}, torch.cat(ids),
+            torch.cat(grads), {k: sum(s[k] for s in stats) for k in stats[0]})
+
+
 @torch.no_grad()
 def puzzle_emb_step(table, ids, grad, lr, weight_decay):
     """Sign-SGD with decoupled weight decay on the rows used in the batch only (the reference's sparse
@@ -153,9 +183,9 @@ def puzzle_emb_step(table, ids, grad, lr, weight_decay):
     table[uniq] = table[uniq] * (1 - lr * weight_decay) - lr * g.sign()
 
 
-def all_finite(loss, params, puzzle_rows):
+def all_finite(loss, params, puzzle_grad):
     """One host sync per step: the price of never applying an update computed from a NaN or inf."""
-    grads = [p.grad for p in params if p.grad is not None] + [puzzle_rows.grad]
+    grads = [p.grad for p in params if p.grad is not None] + [puzzle_grad]
     return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum() + loss.detach()))
 
 
@@ -324,8 +354,10 @@ def train(tcfg, mcfg, resume_state=None):
                                   weight_decay=tcfg.weight_decay, fused=device.type == "cuda")
     batches = Batches(train_ds, tcfg.batch_size, tcfg.seed, device)
     total_steps = tcfg.max_steps or max(1, tcfg.epochs * train_ds.num_groups // tcfg.batch_size)
+    micro = micro_batch_size(tcfg, mcfg, device)
     log(f"model: {model.num_params():,} parameters, puzzle-embedding table {tuple(model.puzzle_emb.shape)}; "
-        f"{total_steps:,} steps of batch {tcfg.batch_size}")
+        f"{total_steps:,} steps of batch {tcfg.batch_size}"
+        + (f" in micro-batches of {micro} rows (gradients accumulated)" if micro < tcfg.batch_size else ""))
 
     step, carry = 0, None
     if resume_state is not None:
@@ -380,9 +412,8 @@ def train(tcfg, mcfg, resume_state=None):
         lr = lr_at(step, tcfg, tcfg.lr)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        loss, carry, ids, puzzle_rows, stats = step_fn(model, carry, batch, tcfg.halt_exploration_prob, autocast)
-        (loss / tcfg.batch_size).backward()
-        if not all_finite(loss, params, puzzle_rows):
+        loss, carry, ids, puzzle_grad, stats = accumulated_step(step_fn, model, carry, batch, tcfg, micro, autocast)
+        if not all_finite(loss, params, puzzle_grad):
             skipped += 1
             if skipped > tcfg.skip_nonfinite:
                 raise StopTraining(f"step {step + 1} has a non-finite loss or gradient, so training stopped before "
@@ -394,7 +425,7 @@ def train(tcfg, mcfg, resume_state=None):
             continue
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        puzzle_emb_step(model.puzzle_emb, ids, puzzle_rows.grad, lr_at(step, tcfg, tcfg.puzzle_emb_lr),
+        puzzle_emb_step(model.puzzle_emb, ids, puzzle_grad, lr_at(step, tcfg, tcfg.puzzle_emb_lr),
                         tcfg.puzzle_emb_weight_decay)
         torch._foreach_lerp_(ema_params, params, 1 - tcfg.ema)
         step += 1
