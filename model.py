@@ -156,18 +156,14 @@ class TRM(nn.Module):
 
     def embed_input(self, inputs, puzzle_rows):
         """x: the question tokens [B, L] with the puzzle embedding rows [B, D] as prefix position 0 of P."""
-        B, D = inputs.shape[0], self.cfg.d_model
-        prefix = puzzle_rows.new_zeros(B, self.cfg.puzzle_emb_len, D)
-        prefix = torch.cat((puzzle_rows[:, None].to(prefix.dtype), prefix[:, 1:]), dim=1)   # [B, P, D]
+        prefix = F.pad(puzzle_rows[:, None], (0, 0, 0, self.cfg.puzzle_emb_len - 1))      # [B, P, D], row then zeros
         tokens = self.embed_tokens(inputs)                                                  # [B, L, D]
         return self.embed_scale * torch.cat((prefix.to(tokens.dtype), tokens), dim=1)       # [B, P+L, D]
 
-    def initial_state(self, batch_size, dtype=None):
+    def initial_state(self, batch_size):
         """y, z at the start of a puzzle: the fixed vectors at every position, [B, P+L, D] each."""
         S = self.cfg.puzzle_emb_len + self.cfg.seq_len
-        y = self.y_init.to(dtype).expand(batch_size, S, -1)
-        z = self.z_init.to(dtype).expand(batch_size, S, -1)
-        return y, z
+        return self.y_init.expand(batch_size, S, -1), self.z_init.expand(batch_size, S, -1)
 
     def net(self, h, injection):
         """The one tiny network: net(x, y, z) of the paper is net(z, x + y); net(y, z) is net(y, z)."""
