@@ -1,5 +1,5 @@
 """The Tiny Recursive Model: one tiny network applied recursively, as in "Less is More: Recursive
-Reasoning with Tiny Networks" (arXiv 2510.04871), Figure 3.
+Reasoning with Tiny Networks" (arXiv 2510.04871), whose TRM pseudocode is, in outline:
 
     def latent_recursion(x, y, z, n=6):
         for i in range(n):           # latent reasoning
