@@ -122,6 +122,13 @@ def cached(folder, build):
     return Dataset.load(folder)
 
 
+def cached_splits(task, splits, key, build):
+    """(train, test): each split asked for comes from data/{task}/{key(split)}, built by build(split) there
+    first if absent; a split not asked for is None."""
+    return tuple(cached(os.path.join("data", task, key(split).replace(os.sep, "_")), lambda: build(split))
+                 if split in splits else None for split in ("train", "test"))
+
+
 # ------------------------------------------------------------------------------ data from the hub
 
 def download(url, dest):

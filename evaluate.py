@@ -104,20 +104,15 @@ def reference_config(sd, task):
 
 def load_for_eval(path, task=None):
     """Our checkpoint (EMA weights) or a reference state_dict. Returns (model, train config dict, model config)."""
-    from train import load_checkpoint, TrainConfig
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise DataError(f"checkpoint {path} does not exist") from None
-    except Exception as e:
-        raise DataError(f"checkpoint {path} could not be read ({type(e).__name__}); it is truncated or not a checkpoint") from None
+    from train import load_checkpoint, read_torch_file, resolve_config
+    raw = read_torch_file(path)
     if isinstance(raw, dict) and any(k.removeprefix("_orig_mod.").startswith("inner.") for k in raw):
         task = task or "sudoku"
         sd = from_reference_state_dict(raw)
         mcfg = reference_config(sd, task)
-        tcfg = dataclasses.asdict(TrainConfig(task=task, preset="paper", data="hub"))
+        tcfg = dataclasses.asdict(resolve_config({"task": task, "preset": "paper"})[0])   # the paper's test set
     else:
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, raw)
         mcfg, tcfg = TRMConfig(**state["model_config"]), state["train_config"]
         sd = {**state["model"], **state["ema"]}   # EMA parameters, the live puzzle-embedding buffer
         sd["puzzle_emb"] = state["model"]["puzzle_emb"]

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from data import PAD, Dataset, DataError, cached, dihedral, hub_csv, real_or_generated
+from data import PAD, Dataset, DataError, cached_splits, dihedral, hub_csv, real_or_generated
 
 CHARSET = "# SGo"
 WALL, OPEN, START, GOAL, PATH = 1, 2, 3, 4, 5
@@ -481,12 +481,11 @@ def build_datasets(tcfg, splits=("train", "test")):
         return Dataset.grouped(q8[:, :versions].reshape(-1, q.shape[1]), a8[:, :versions].reshape(-1, q.shape[1]),
                                versions, VOCAB_SIZE)
 
-    def folder(split):
+    def key(split):
         count, aug = (tcfg.train_puzzles, tcfg.num_aug) if split == "train" else (tcfg.test_puzzles, 0)
-        key = f"{tcfg.data}-{split}-{count}-aug{aug}-n{tcfg.size}-p{tcfg.min_path}-s{tcfg.data_seed}"
-        return os.path.join("data", "maze", key.replace(os.sep, "_"))
+        return f"{tcfg.data}-{split}-{count}-aug{aug}-n{tcfg.size}-p{tcfg.min_path}-s{tcfg.data_seed}"
 
-    return tuple(cached(folder(split), lambda: build(split)) if split in splits else None for split in ("train", "test"))
+    return cached_splits("maze", splits, key, build)
 
 
 def check(inputs, preds):

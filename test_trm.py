@@ -430,10 +430,9 @@ def test_ema_arithmetic_and_ema_weights_at_evaluation(workdir):
     state = final_state("ema1")
     tcfg, mcfg = train.resolve_config(train.parse_args(TINY))
     torch.manual_seed(0)
-    init = trm.TRM(mcfg).state_dict()
-    for name, p in state["ema"].items():
-        if name in dict(trm.TRM(mcfg).named_parameters()):
-            torch.testing.assert_close(p, 0.75 * init[name] + 0.25 * state["model"][name])
+    init = dict(trm.TRM(mcfg).named_parameters())     # the run seeds 0 right before building its model
+    for name, p in init.items():
+        torch.testing.assert_close(state["ema"][name], 0.75 * p.detach() + 0.25 * state["model"][name])
     loaded, _, _ = evaluate.load_for_eval(train.checkpoints_in("ema1")[-1])
     w = loaded.output_head.weight
     assert torch.equal(w, state["ema"]["output_head.weight"]) and not torch.equal(w, state["model"]["output_head.weight"])

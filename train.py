@@ -42,7 +42,7 @@ class TrainConfig:
     test_puzzles: int = 1000
     num_aug: int = 1000                  # augmentations per training puzzle
     min_blanks: int = 40                 # sudoku generator
-    max_blanks: int = 64
+    max_blanks: int = 58                 # random removal of givens rarely gets past 60 blanks
     difficulty: int = 0                  # sudoku generator: least solver effort (guesses) a puzzle needs
     size: int = 30                       # maze side
     min_path: int = 0                    # maze generator: shortest path length, 0 = scaled to the size
@@ -211,13 +211,19 @@ def checkpoints_in(folder):
     return sorted(glob.glob(os.path.join(folder, "ckpt_*.pt")))
 
 
-def load_checkpoint(path):
+def read_torch_file(path):
+    """torch.load of a checkpoint file, with a missing or unreadable file as one sentence."""
     if not os.path.isfile(path):
         raise DataError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise DataError(f"checkpoint {path} could not be read ({type(e).__name__}); it is truncated or not a checkpoint") from None
+
+
+def load_checkpoint(path, state=None):
+    """One of our checkpoints (state: its contents when already read), checked for the parts a run needs."""
+    state = read_torch_file(path) if state is None else state
     if not isinstance(state, dict) or not {"model", "model_config", "train_config"} <= state.keys():
         raise DataError(f"{path} is not a checkpoint of this project (model, model_config and train_config expected)")
     return state
