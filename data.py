@@ -108,7 +108,8 @@ class Dataset:
             raise DataError(f"{path} holds no finished dataset (meta.json is missing)")
         with open(meta_path) as f:
             meta = json.load(f)
-        arrays = {name: np.load(os.path.join(path, name + ".npy"))
+        # Tokens stay on disk and are read per batch: ARC-AGI-1 with 1000 augmentations holds gigabytes of them.
+        arrays = {name: np.load(os.path.join(path, name + ".npy"), mmap_mode="r" if name in ("inputs", "labels") else None)
                   for name in ("inputs", "labels", "puzzle_ids", "group_starts")}
         return cls(vocab_size=meta["vocab_size"], num_puzzle_ids=meta["num_puzzle_ids"], **arrays)
 
@@ -194,13 +195,36 @@ def real_or_generated(tcfg, split, name, load, generate):
 
 # ------------------------------------------------------------------------------------------ batching
 
+def puzzle_starts(ds):
+    """[P + 1] row offsets of the puzzles: runs of rows sharing a puzzle id inside a group (an augmented ARC task
+    and its examples), or single rows when the dataset has one shared id (Sudoku, maze)."""
+    if ds.num_puzzle_ids == 1:
+        return np.arange(len(ds.inputs) + 1, dtype=np.int64)
+    change = np.flatnonzero(np.diff(ds.puzzle_ids) != 0) + 1
+    return np.unique(np.r_[change, ds.group_starts]).astype(np.int64)
+
+
 def epoch_rows(ds, seed, epoch):
-    """The rows of one epoch: one random augmentation of every group, groups in random order.
-    Depends only on (seed, epoch), so a resumed run replays the same order."""
+    """The rows of one epoch, as the reference draws them: one random puzzle of every group with all its rows,
+    groups in random order. Depends only on (seed, epoch), so a resumed run replays the same order."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(ds.num_groups)
-    sizes = np.diff(ds.group_starts)[order]
-    return ds.group_starts[order] + (rng.random(len(order)) * sizes).astype(np.int64)
+    starts = puzzle_starts(ds)
+    first = np.searchsorted(starts, ds.group_starts)                 # [G + 1] first puzzle of every group
+    count = np.diff(first)[order]
+    puzzle = first[order] + (rng.random(len(order)) * count).astype(np.int64)
+    lo, hi = starts[puzzle], starts[puzzle + 1]
+    # concatenated ranges lo[i]:hi[i] without a Python loop
+    sizes = hi - lo
+    return np.repeat(lo - np.r_[0, np.cumsum(sizes)[:-1]], sizes) + np.arange(sizes.sum())
+
+
+def rows_per_epoch(ds):
+    """Expected rows of an epoch (the mean puzzle size of each group, summed): epochs x this / batch size is the
+    reference's step count."""
+    starts = puzzle_starts(ds)
+    puzzles = np.diff(np.searchsorted(starts, ds.group_starts))
+    return float((np.diff(ds.group_starts) / puzzles).sum())
 
 
 class Batches:
@@ -249,8 +273,13 @@ def to_device(ds, rows, device):
     )
 
 
+def eval_rows(ds, limit=None):
+    """Rows of the first `limit` groups (test puzzles; an ARC task with all its augmentations), all when None."""
+    return int(ds.group_starts[ds.num_groups if limit is None else min(limit, ds.num_groups)])
+
+
 def eval_batches(ds, batch_size, device, limit=None):
-    """Every row of ds once, in order (the test set is evaluated on all its rows, augmentations included)."""
-    n = len(ds.inputs) if limit is None else min(limit, len(ds.inputs))
+    """Every row of the first limit groups once, in order (augmentations included)."""
+    n = eval_rows(ds, limit)
     for start in range(0, n, batch_size):
         yield to_device(ds, np.arange(start, min(start + batch_size, n)), device)
