@@ -231,11 +231,12 @@ class Batches:
     """An endless stream of training batches that crosses epoch boundaries. Its whole state is
     (epoch, position), so it resumes exactly from a checkpoint."""
 
-    def __init__(self, ds, batch_size, seed, device):
+    def __init__(self, ds, batch_size, seed, device, part=slice(None)):
         if not 1 <= batch_size <= len(ds.inputs):
             raise DataError(f"batch size {batch_size} does not fit a dataset of {len(ds.inputs)} rows; "
                             f"expected 1 to {len(ds.inputs)}")
         self.ds, self.batch_size, self.seed, self.device = ds, batch_size, seed, device
+        self.part = part    # this process's share of every global batch
         self.epoch, self.pos = 0, 0
         self._rows = epoch_rows(ds, seed, 0)
 
@@ -261,7 +262,7 @@ class Batches:
             if self.pos == len(self._rows):
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._rows = epoch_rows(self.ds, self.seed, self.epoch)
-        return to_device(self.ds, np.concatenate(take), self.device)
+        return to_device(self.ds, np.concatenate(take)[self.part], self.device)
 
 
 def to_device(ds, rows, device):
@@ -276,10 +277,3 @@ def to_device(ds, rows, device):
 def eval_rows(ds, limit=None):
     """Rows of the first `limit` groups (test puzzles; an ARC task with all its augmentations), all when None."""
     return int(ds.group_starts[ds.num_groups if limit is None else min(limit, ds.num_groups)])
-
-
-def eval_batches(ds, batch_size, device, limit=None):
-    """Every row of the first limit groups once, in order (augmentations included)."""
-    n = eval_rows(ds, limit)
-    for start in range(0, n, batch_size):
-        yield to_device(ds, np.arange(start, min(start + batch_size, n)), device)

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from data import Dataset, DataError, eval_batches, eval_rows
+from data import Dataset, DataError, eval_rows, to_device
 from model import TRM, TRMConfig, from_reference_state_dict
 
 
@@ -33,17 +33,22 @@ class Progress:
 
 
 @torch.no_grad()
-def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None, keep=()):
+def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None, keep=(), ranks=None):
     """Run the test rows of the first `limit` puzzles (all when None) for N supervision steps (no halting) and
     score the answer after each step. Returns one dict per step: exact (whole answer right), token (share of
     labelled tokens right), count, valid (share the task's checker accepts, when it has one), and for the steps
-    in keep the predictions (uint8 [rows, L]) and halt probabilities (sigmoid of the halt logit, [rows])."""
+    in keep the predictions (uint8 [rows, L]) and halt probabilities (sigmoid of the halt logit, [rows]).
+    Under torchrun (ranks) every rank runs an equal share of the rows; rank 0 gets the whole results."""
     model.eval()
-    progress = Progress(eval_rows(ds, limit))
-    exact, token, valid = np.zeros(N), np.zeros(N), np.zeros(N)
+    n = eval_rows(ds, limit)
+    rank, world = (ranks.rank, ranks.world) if ranks else (0, 1)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    progress = Progress(hi - lo)
+    sums = torch.zeros(3, N, dtype=torch.float64, device=device)    # exact, token, valid after each step
     tokens = count = 0
     kept = {k: ([], []) for k in keep}
-    for batch in eval_batches(ds, batch_size, device, limit):
+    for start in range(lo, hi, batch_size):
+        batch = to_device(ds, np.arange(start, min(start + batch_size, hi)), device)
         inputs, labels = batch["inputs"], batch["labels"]
         mask = labels != 0
         y, z = model.initial_state(inputs.shape[0])
@@ -53,19 +58,29 @@ def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None,
                 (y, z), logits, q_halt = model(inputs, puzzle_rows, y, z)
             preds = logits.argmax(-1)
             right = (preds == labels) & mask
-            exact[k - 1] += (right | ~mask).all(-1).sum().item()
-            token[k - 1] += right.sum().item()
+            sums[0, k - 1] += (right | ~mask).all(-1).sum()
+            sums[1, k - 1] += right.sum()
             if check is not None:
-                valid[k - 1] += check(inputs.cpu().numpy(), preds.cpu().numpy()).sum()
+                sums[2, k - 1] += float(check(inputs.cpu().numpy(), preds.cpu().numpy()).sum())
             if k in kept:
                 kept[k][0].append(preds.to(torch.uint8).cpu().numpy())
                 kept[k][1].append(torch.sigmoid(q_halt).float().cpu().numpy())
         tokens += mask.sum().item()
         count += inputs.shape[0]
         progress(count)
+    totals = torch.tensor([tokens, count], dtype=torch.float64, device=device)
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(sums)
+        dist.all_reduce(totals)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, {k: [np.concatenate(p) if p else None for p in v] for k, v in kept.items()})
+        kept = {k: tuple([g[k][i] for g in gathered if g[k][i] is not None] for i in (0, 1)) for k in keep}
+    exact, token, valid = sums.cpu().numpy()
+    tokens, count = totals.tolist()
     results = []
     for k in range(1, N + 1):
-        r = dict(step=k, exact=exact[k - 1] / count, token=token[k - 1] / max(tokens, 1), count=count)
+        r = dict(step=k, exact=exact[k - 1] / count, token=token[k - 1] / max(tokens, 1), count=int(count))
         if check is not None:
             r["valid"] = valid[k - 1] / count
         if k in kept:

@@ -5,6 +5,7 @@ is refilled with a fresh puzzle when it halts (the Q head says so, or N_sup step
 `for step in range(N_sup): ... if q_hat > 0: break` made per sample, with a constant batch shape.
 """
 import argparse
+import contextlib
 import copy
 import dataclasses
 import glob
@@ -111,9 +112,19 @@ def initial_carry(model, batch):
                 halted=torch.ones_like(batch["puzzle_ids"], dtype=torch.bool), **batch)
 
 
-def supervision_step(model, carry, batch, exploration, autocast):
+def exploration_min_steps(batch_size, N_sup, p, device):
+    """The halting exploration: with probability p a slot must run at least randint(2, N_sup) steps this step.
+    Drawn for the whole global batch, so every rank and micro-batch uses the draws a single process would."""
+    if N_sup < 2:
+        return torch.zeros(batch_size, dtype=torch.long, device=device)
+    explore = torch.rand(batch_size, device=device) < p
+    return explore * torch.randint(2, N_sup + 1, (batch_size,), device=device)
+
+
+def supervision_step(model, carry, batch, min_steps, autocast):
     """One step of the paper's deep-supervision loop for every slot. Slots that halted last step take the
-    next batch's puzzle at their position and restart from the initial y, z (as the reference does)."""
+    next batch's puzzle at their position and restart from the initial y, z (as the reference does).
+    min_steps [B]: the exploration's least steps per slot (exploration_min_steps)."""
     halted = carry["halted"]
     y0, z0 = model.initial_state(halted.shape[0])
     h3 = halted[:, None, None]
@@ -136,9 +147,6 @@ def supervision_step(model, carry, batch, exploration, autocast):
         halted = steps >= N_sup
         if model.training and N_sup > 1:
             halted = halted | (q_halt > 0)      # the paper's "if q_hat > 0: break"
-            # Exploration: with probability p a sample must run at least randint(2, N_sup) steps.
-            explore = torch.rand_like(q_halt) < exploration
-            min_steps = explore * torch.randint_like(steps, 2, N_sup + 1)
             halted = halted & (steps >= min_steps)
     new_carry = dict(y=y, z=z, steps=steps, halted=halted, inputs=inputs, labels=labels, puzzle_ids=puzzle_ids)
     stats = dict(lm_loss=lm_loss, halt_loss=halt_loss, halted=halted.sum(), exact=(correct & halted).sum(),
@@ -146,28 +154,30 @@ def supervision_step(model, carry, batch, exploration, autocast):
     return loss, new_carry, puzzle_ids, puzzle_rows, stats
 
 
-def micro_batch_size(tcfg, mcfg, device):
+def micro_batch_size(tcfg, mcfg, device, world=1):
     """Rows per forward/backward: the whole batch on CUDA; on a CPU few enough that the activations kept for
     the backward pass stay near 6 GB. Measured: about 160 bytes per (net call with gradient) x layer x
     position x width in float32, i.e. 112 MB per row of the paper's Sudoku model (22 GB peak at 168 rows)."""
+    local = tcfg.batch_size // world
     if tcfg.micro_batch:
-        return min(tcfg.micro_batch, tcfg.batch_size)
+        return min(tcfg.micro_batch, local)
     if device.type == "cuda":
-        return tcfg.batch_size
+        return local
     per_row = 160 * (mcfg.n + 1) * mcfg.n_layers * (mcfg.puzzle_emb_len + mcfg.seq_len) * mcfg.d_model
-    return max(1, min(tcfg.batch_size, int(6e9 // per_row)))
+    return max(1, min(local, int(6e9 // per_row)))
 
 
-def accumulated_step(step_fn, model, carry, batch, tcfg, micro, autocast):
-    """Forward and backward of one optimizer step in slices of `micro` rows. The loss is a sum over samples
-    divided by the global batch size, so the accumulated gradients are the whole batch's."""
+def accumulated_step(step_fn, model, carry, batch, min_steps, micro, global_batch, autocast):
+    """Forward and backward of one optimizer step over this process's rows, in slices of `micro` rows. The loss
+    is a sum over samples divided by the global batch size, so the accumulated gradients (summed over ranks
+    when there are several) are the whole batch's."""
     parts = []
-    for i in range(0, tcfg.batch_size, micro):
+    for i in range(0, len(min_steps), micro):
         rows = slice(i, i + micro)
         loss, new_carry, ids, puzzle_rows, stats = step_fn(model, {k: v[rows] for k, v in carry.items()},
                                                            {k: v[rows] for k, v in batch.items()},
-                                                           tcfg.halt_exploration_prob, autocast)
-        (loss / tcfg.batch_size).backward()
+                                                           min_steps[rows], autocast)
+        (loss / global_batch).backward()
         parts.append((loss.detach(), new_carry, ids, puzzle_rows.grad, stats))
     if len(parts) == 1:
         return parts[0]
@@ -318,14 +328,81 @@ def setup_runtime(tcfg):
     return device, dtype, compile_on, autocast
 
 
+# ------------------------------------------------------------------------------ several processes
+
+class Ranks:
+    """This process's place among the torchrun processes (rank 0 of 1 without torchrun). Every rank takes an
+    equal contiguous share of each global batch; gradients are summed in one all-reduce (each rank's loss is
+    already divided by the global batch size), so all ranks apply the same update to the same weights."""
+
+    def __init__(self, rank=0, world=1, backend=None):
+        self.rank, self.world, self.backend, self.main = rank, world, backend, rank == 0
+
+    @classmethod
+    def from_env(cls):
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if world == 1:
+            return cls()
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        return cls(dist.get_rank(), world, dist.get_backend())
+
+    def rows(self, n):
+        """This rank's rows of n global rows."""
+        per = n // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (building cached data, say); the others wait, then run it."""
+        import torch.distributed as dist
+        if self.world > 1 and not self.main:
+            dist.barrier()
+        yield
+        if self.world > 1 and self.main:
+            dist.barrier()
+
+    def gather(self, tensor):
+        """Every rank's tensor, concatenated along dim 0 in rank order."""
+        if self.world == 1:
+            return tensor
+        import torch.distributed as dist
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    def combine(self, params, loss, stats, ids, puzzle_grad):
+        """The global step from the ranks' parts: gradients, loss and statistics summed in one all-reduce, and
+        every rank's puzzle-embedding rows with their gradients gathered, so each rank applies the same sparse
+        update to its copy of the table."""
+        if self.world == 1:
+            return loss, stats, ids, puzzle_grad
+        import torch.distributed as dist
+        grads = [p.grad for p in params]
+        names = list(stats)
+        extra = torch.stack([loss.float()] + [stats[k].float() for k in names])
+        flat = torch.cat([g.reshape(-1) for g in grads] + [extra])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+        loss, values = flat[offset], flat[offset + 1:]
+        return loss, dict(zip(names, values)), self.gather(ids), self.gather(puzzle_grad)
+
+
 # -------------------------------------------------------------------------------------------- train
 
 class Logger:
-    def __init__(self, out):
+    def __init__(self, out, quiet=False):
         self.file = open(os.path.join(out, "metrics.jsonl"), "a") if out else None
+        self.quiet = quiet    # ranks other than 0 say nothing
 
     def __call__(self, line, **record):
-        print(line, flush=True)
+        if not self.quiet:
+            print(line, flush=True)
         if self.file and record:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
@@ -335,16 +412,22 @@ def train(tcfg, mcfg, resume_state=None):
     import evaluate  # evaluate imports train for its config helpers
     task = importlib.import_module(tcfg.task)
     device, dtype, compile_on, autocast = setup_runtime(tcfg)
+    ranks = Ranks.from_env()
     out = tcfg.out
-    os.makedirs(out, exist_ok=True)
-    log = Logger(out)
+    if ranks.main:
+        os.makedirs(out, exist_ok=True)
+    log = Logger(out if ranks.main else None, quiet=not ranks.main)
     log(f"task {tcfg.task}, preset {tcfg.preset} ({tcfg.preset_note}), device {device}, "
-        f"{dtype}, compile {'on' if compile_on else 'off'}, out {out}")
+        f"{dtype}, compile {'on' if compile_on else 'off'}, out {out}"
+        + (f", {ranks.world} processes ({ranks.backend})" if ranks.world > 1 else ""))
     log(f"train config: {json.dumps(dataclasses.asdict(tcfg))}")
     log(f"model config: {json.dumps(dataclasses.asdict(mcfg))}")
+    if tcfg.batch_size % ranks.world:
+        raise DataError(f"--batch-size {tcfg.batch_size} does not split evenly over {ranks.world} processes")
 
     t0 = time.time()
-    train_ds, test_ds = task.build_datasets(tcfg)
+    with ranks.main_first():     # rank 0 builds the cached data, the others then read it
+        train_ds, test_ds = task.build_datasets(tcfg)
     if train_ds.num_puzzle_ids > 1 and resume_state is None:   # ARC: one id per augmented task, known from the data
         mcfg = dataclasses.replace(mcfg, num_puzzle_ids=train_ds.num_puzzle_ids)
     if mcfg.seq_len != train_ds.seq_len or mcfg.vocab_size != train_ds.vocab_size or mcfg.num_puzzle_ids < train_ds.num_puzzle_ids:
@@ -354,7 +437,7 @@ def train(tcfg, mcfg, resume_state=None):
     log(f"data: {len(train_ds.inputs)} training rows in {train_ds.num_groups} groups, {len(test_ds.inputs)} test rows "
         f"({time.time() - t0:.1f}s)")
 
-    torch.manual_seed(tcfg.seed)
+    torch.manual_seed(tcfg.seed)     # every rank starts from the same weights and draws the same exploration
     model = TRM(mcfg).to(device)
     # The puzzle-embedding table is not averaged (the reference keeps it out of the EMA): both models share it,
     # so its memory (1.8 GB for ARC-AGI-1) is held once, and saved once (torch.save stores a shared tensor once).
@@ -364,12 +447,13 @@ def train(tcfg, mcfg, resume_state=None):
     # The reference uses Adam-atan2; plain AdamW is reported to reach the same accuracy (see README).
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
                                   weight_decay=tcfg.weight_decay, fused=device.type == "cuda")
-    batches = Batches(train_ds, tcfg.batch_size, tcfg.seed, device)
+    mine = ranks.rows(tcfg.batch_size)
+    batches = Batches(train_ds, tcfg.batch_size, tcfg.seed, device, mine)
     total_steps = tcfg.max_steps or max(1, int(tcfg.epochs * rows_per_epoch(train_ds) // tcfg.batch_size))
-    micro = micro_batch_size(tcfg, mcfg, device)
-    log(f"model: {model.num_params():,} parameters, puzzle-embedding table {tuple(model.puzzle_emb.shape)}; "
-        f"{total_steps:,} steps of batch {tcfg.batch_size}"
-        + (f" in micro-batches of {micro} rows (gradients accumulated)" if micro < tcfg.batch_size else ""))
+    micro = micro_batch_size(tcfg, mcfg, device, ranks.world)
+    log(f"model: {model.num_params():,} parameters, puzzle-embedding table {tuple(model.puzzle_emb.shape)} "
+        f"({model.puzzle_emb.numel() * 4 / 1e9:.2f} GB); {total_steps:,} steps of batch {tcfg.batch_size}"
+        + (f" in micro-batches of {micro} rows (gradients accumulated)" if micro * ranks.world < tcfg.batch_size else ""))
 
     step, carry = 0, None
     if resume_state is not None:
@@ -378,7 +462,7 @@ def train(tcfg, mcfg, resume_state=None):
         optimizer.load_state_dict(resume_state["optimizer"])
         batches.load_state_dict(resume_state["batches"])
         step = resume_state["step"]
-        carry = {k: v.to(device) for k, v in resume_state["carry"].items()}
+        carry = {k: v[mine].to(device) for k, v in resume_state["carry"].items()}
         torch.set_rng_state(resume_state["rng"]["torch"])
         if device.type == "cuda" and resume_state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(resume_state["rng"]["cuda"])
@@ -393,9 +477,12 @@ def train(tcfg, mcfg, resume_state=None):
     start_step = step
 
     def save(step):
+        whole_carry = {k: ranks.gather(v).cpu() for k, v in carry.items()}   # every rank takes part
+        if not ranks.main:
+            return None
         state = dict(model=model.state_dict(), ema=ema_model.state_dict(), optimizer=optimizer.state_dict(),
                      step=step, batches=batches.state_dict(), train_config=dataclasses.asdict(tcfg),
-                     model_config=dataclasses.asdict(mcfg), carry={k: v.cpu() for k, v in carry.items()},
+                     model_config=dataclasses.asdict(mcfg), carry=whole_carry,
                      rng=dict(torch=torch.get_rng_state(),
                               cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None))
         path = os.path.join(out, f"ckpt_{step:08d}.pt")
@@ -408,11 +495,14 @@ def train(tcfg, mcfg, resume_state=None):
 
     def run_eval(step):
         score = getattr(task, "score", None)    # ARC: voting across augmentations and pass@k
-        res = evaluate.evaluate(ema_model, test_ds, mcfg.N_sup, tcfg.batch_size, device, autocast,
+        res = evaluate.evaluate(ema_model, test_ds, mcfg.N_sup, tcfg.batch_size // ranks.world, device, autocast,
                                 limit=tcfg.eval_limit, check=getattr(task, "check", None),
-                                keep=(mcfg.N_sup,) if score else ())
+                                keep=(mcfg.N_sup,) if score else (), ranks=ranks)
         last = res[-1]
-        scores, line = score(tcfg, last.pop("preds"), last.pop("halt")) if score else ({}, "")
+        preds, halt = last.pop("preds", None), last.pop("halt", None)
+        if not ranks.main:
+            return res
+        scores, line = score(tcfg, preds, halt) if score else ({}, "")
         log(f"eval step {step}: exact {last['exact']:.2%}, token {last['token']:.2%} on {last['count']} held-out "
             f"rows after {mcfg.N_sup} supervision steps (EMA weights)" + (f"; {line}" if line else ""),
             kind="eval", step=step, per_step=res, **scores)
@@ -426,7 +516,10 @@ def train(tcfg, mcfg, resume_state=None):
         lr = lr_at(step, tcfg, tcfg.lr)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        loss, carry, ids, puzzle_grad, stats = accumulated_step(step_fn, model, carry, batch, tcfg, micro, autocast)
+        min_steps = exploration_min_steps(tcfg.batch_size, mcfg.N_sup, tcfg.halt_exploration_prob, device)[mine]
+        loss, carry, ids, puzzle_grad, stats = accumulated_step(step_fn, model, carry, batch, min_steps, micro,
+                                                                tcfg.batch_size, autocast)
+        loss, stats, ids, puzzle_grad = ranks.combine(params, loss, stats, ids, puzzle_grad)
         if not all_finite(loss, params, puzzle_grad):
             skipped += 1
             if skipped > tcfg.skip_nonfinite:
@@ -437,17 +530,13 @@ def train(tcfg, mcfg, resume_state=None):
             optimizer.zero_grad(set_to_none=True)
             carry = None    # the states in flight may be non-finite too: refill every slot
             continue
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        puzzle_emb_step(model.puzzle_emb, ids, puzzle_grad, lr_at(step, tcfg, tcfg.puzzle_emb_lr),
-                        tcfg.puzzle_emb_weight_decay)
-        torch._foreach_lerp_(ema_params, params, 1 - tcfg.ema)
+        update(optimizer, model, ema_params, ids, puzzle_grad, step, tcfg)
         step += 1
         sums = stats if sums is None else {k: sums[k] + v for k, v in stats.items()}
         steps_logged += 1
 
         now = time.time()
-        if now - last_log >= tcfg.log_interval or step == total_steps:
+        if ranks.main and (now - last_log >= tcfg.log_interval or step == total_steps):
             s = {k: float(v) for k, v in sums.items()}   # the only host-device sync, once per log line
             halted, per_sample = max(s["halted"], 1), steps_logged * tcfg.batch_size
             rate = (step - start_step) * tcfg.batch_size / (now - t0)
@@ -468,6 +557,15 @@ def train(tcfg, mcfg, resume_state=None):
     res = run_eval(step)
     log(f"done: {step} steps in {format_time(time.time() - t0)}; checkpoint {path}")
     return model, ema_model, res
+
+
+def update(optimizer, model, ema_params, ids, puzzle_grad, step, tcfg):
+    """Apply a step's gradients: AdamW on the weights, sign-SGD on the puzzle-embedding rows, then the EMA."""
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    puzzle_emb_step(model.puzzle_emb, ids, puzzle_grad, lr_at(step, tcfg, tcfg.puzzle_emb_lr),
+                    tcfg.puzzle_emb_weight_decay)
+    torch._foreach_lerp_(ema_params, list(model.parameters()), 1 - tcfg.ema)
 
 
 def format_time(seconds):
@@ -492,7 +590,7 @@ def main(argv=None):
         elif checkpoints_in(tcfg.out) and not tcfg.overwrite:
             raise DataError(f"{tcfg.out} already holds a run; use --resume auto to continue it, "
                             f"--overwrite to replace it, or --out for a new folder")
-        elif tcfg.overwrite:
+        elif tcfg.overwrite and os.environ.get("RANK", "0") == "0":
             for old in checkpoints_in(tcfg.out) + glob.glob(os.path.join(tcfg.out, "metrics.jsonl")):
                 os.remove(old)
         train(tcfg, mcfg, resume_state)
