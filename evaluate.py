@@ -89,6 +89,60 @@ def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None,
     return results
 
 
+@torch.no_grad()
+def evaluate_halting(model, ds, N, batch_size, device, autocast, limit=None, ranks=None):
+    """Inference with halting: each puzzle stops after the first step whose halt logit is positive (at most N
+    steps), and its slot takes the next puzzle at once, so batches stay full while puzzles remain (the paper
+    halts only in training). Returns exact, token accuracy, mean steps used and count."""
+    model.eval()
+    n = eval_rows(ds, limit)
+    rank, world = (ranks.rank, ranks.world) if ranks else (0, 1)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    B, L = max(1, min(batch_size, hi - lo)), ds.seq_len
+    inputs = torch.zeros(B, L, dtype=torch.long, device=device)
+    labels = torch.zeros_like(inputs)
+    ids = torch.zeros(B, dtype=torch.long, device=device)
+    steps = torch.zeros(B, dtype=torch.long, device=device)
+    active = torch.zeros(B, dtype=torch.bool, device=device)
+    y0, z0 = model.initial_state(B)
+    y, z = y0, z0
+    sums = torch.zeros(4, dtype=torch.float64, device=device)     # exact, right tokens, labelled tokens, steps
+    free, next_row = torch.arange(B, device=device), lo
+    progress = Progress(hi - lo)
+    while True:
+        take = min(len(free), hi - next_row)
+        fresh = torch.zeros(B, dtype=torch.bool, device=device)
+        if take:
+            slots, new = free[:take], to_device(ds, np.arange(next_row, next_row + take), device)
+            inputs[slots], labels[slots], ids[slots] = new["inputs"], new["labels"], new["puzzle_ids"]
+            fresh[slots] = True
+            next_row += take
+        active = active | fresh
+        if not active.any():
+            break
+        y = torch.where(fresh[:, None, None], y0, y)
+        z = torch.where(fresh[:, None, None], z0, z)
+        steps = torch.where(fresh, 0, steps) + 1
+        with autocast:
+            (y, z), logits, q_halt = model(inputs, model.puzzle_emb[ids], y, z)
+        done = active & ((q_halt > 0) | (steps >= N))
+        mask = labels != 0
+        right = (logits.argmax(-1) == labels) & mask
+        sums += torch.stack([((right | ~mask).all(-1) & done).sum(), (right & done[:, None]).sum(),
+                             (mask & done[:, None]).sum(), (steps * done).sum()]).double()
+        active = active & ~done
+        free = (~active).nonzero()[:, 0]       # one host sync per step: which slots take new puzzles
+        progress(next_row - lo)
+    count = torch.tensor(float(hi - lo), dtype=torch.float64, device=device)
+    if world > 1:
+        import torch.distributed as dist
+        dist.all_reduce(sums)
+        dist.all_reduce(count)
+    exact, right, tokens, used = sums.tolist()
+    count = count.item()
+    return dict(exact=exact / count, token=right / max(tokens, 1), mean_steps=used / count, count=int(count))
+
+
 def plot(results, path, title):
     import matplotlib
     matplotlib.use("Agg")
@@ -153,6 +207,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--out", default=None, help="folder for the table, plot and pictures (default: the checkpoint's)")
     p.add_argument("--solve", default=None, help="solve one puzzle given as a string (sudoku: 81 characters)")
+    p.add_argument("--halt", action="store_true", help="also run with halting: each puzzle stops when its halt "
+                   "logit is positive; reports accuracy and the mean steps used")
     args = p.parse_args(argv)
     try:
         run(args)
@@ -162,7 +218,10 @@ def main(argv=None):
 
 
 def run(args):
-    from train import TrainConfig, setup_runtime
+    from train import Ranks, TrainConfig, setup_runtime
+    ranks = Ranks.from_env()     # under torchrun every rank evaluates a share; rank 0 reports
+    if not ranks.main:
+        sys.stdout = open(os.devnull, "w")
     model, tcfg_dict, mcfg = load_for_eval(args.checkpoint, args.task)
     tcfg = TrainConfig(**{**tcfg_dict, "dtype": args.dtype, **({"data": args.data} if args.data else {})})
     task = importlib.import_module(tcfg.task)
@@ -189,9 +248,13 @@ def run(args):
     _, test_ds = task.build_datasets(tcfg, splits=("test",))
     score = getattr(task, "score", None)
     res = evaluate(model, test_ds, N, args.batch_size, device, autocast, limit=args.limit or None,
-                   check=getattr(task, "check", None), keep=(N,) if score else ())
+                   check=getattr(task, "check", None), keep=(N,) if score else (), ranks=ranks)
+    halting = args.halt and evaluate_halting(model, test_ds, N, args.batch_size, device, autocast,
+                                             limit=args.limit or None, ranks=ranks)
+    if not ranks.main:     # the others only took part in the evaluations
+        return
     has_valid = "valid" in res[0]
-    print(f"{res[0]['count']} test puzzles, {N} supervision steps (trained with N_sup {mcfg.N_sup})")
+    print(f"{res[0]['count']} test rows, {N} supervision steps (trained with N_sup {mcfg.N_sup})")
     print("step   exact   token" + ("   valid" if has_valid else ""))
     for r in res:
         print(f"{r['step']:>4} {100 * r['exact']:6.2f}% {100 * r['token']:6.2f}%" + (f" {100 * r['valid']:6.2f}%" if has_valid else ""))
@@ -200,6 +263,10 @@ def run(args):
     print(f"plot: {path}")
     if score:
         print(f"after {N} steps: " + score(tcfg, res[-1]["preds"], res[-1]["halt"], out=out)[1])
+    if halting:
+        print(f"with halting: exact {halting['exact']:.2%}, token {halting['token']:.2%}, "
+              f"{halting['mean_steps']:.2f} steps on average (at most {N}); "
+              f"fixed depth {N}: exact {res[-1]['exact']:.2%}, token {res[-1]['token']:.2%}")
 
 
 if __name__ == "__main__":

@@ -65,9 +65,13 @@ class Linear(nn.Linear):
 
 
 class SwiGLU(nn.Module):
+    @staticmethod
+    def width(width, expansion):
+        return 256 * math.ceil(round(expansion * width * 2 / 3) / 256)  # 512 -> 1536, 97 -> 512
+
     def __init__(self, width, expansion):
         super().__init__()
-        inner = 256 * math.ceil(round(expansion * width * 2 / 3) / 256)  # 512 -> 1536, 97 -> 512
+        inner = self.width(width, expansion)
         self.gate_up = Linear(width, 2 * inner)   # fused [gate | up]
         self.down = Linear(inner, width)
 

@@ -933,3 +933,64 @@ def test_two_gloo_processes_train_the_same_weights_as_one(workdir):
                 torch.testing.assert_close(two[part][k], v, rtol=0, atol=1e-5, msg=f"{part}.{k}")
             else:
                 assert torch.equal(two[part][k], v), f"{part}.{k}"
+
+
+# ------------------------------------------------------------------------------------ halting inference
+
+def random_dataset(model, rows, seed=0):
+    g = np.random.default_rng(seed)
+    L, V = model.cfg.seq_len, model.cfg.vocab_size
+    return data.Dataset.ungrouped(g.integers(1, V, (rows, L), dtype=np.uint8), g.integers(1, V, (rows, L), dtype=np.uint8), V)
+
+
+@pytest.mark.parametrize("bias,depth", [(-10.0, 3), (10.0, 1)])
+def test_halting_inference_equals_fixed_depth_when_the_halt_logit_never_or_always_says_stop(bias, depth):
+    model = tiny_model(n=1, T=1, N_sup=3)
+    torch.nn.init.constant_(model.Q_head.bias, bias)
+    ds = random_dataset(model, 10)
+    fixed = evaluate.evaluate(model, ds, 3, 4, torch.device("cpu"), NO_AUTOCAST)
+    halting = evaluate.evaluate_halting(model, ds, 3, 4, torch.device("cpu"), NO_AUTOCAST)
+    assert halting["mean_steps"] == depth and halting["count"] == 10
+    assert halting["exact"] == fixed[depth - 1]["exact"]
+    assert halting["token"] == pytest.approx(fixed[depth - 1]["token"], abs=1e-12)
+
+
+def test_halting_inference_refills_halted_slots_so_batches_stay_full():
+    """Rows whose first token is even halt after 1 step, the rest run all 4: with refilling, the net runs about
+    (total steps / batch) times, not 4 times per batch of 4."""
+    model = tiny_model(n=1, T=1, N_sup=4)
+    ds = random_dataset(model, 40, seed=3)
+    calls, forward = [], model.forward
+    def halting_forward(inputs, puzzle_rows, y, z):
+        (y, z), logits, _ = forward(inputs, puzzle_rows, y, z)
+        calls.append(len(inputs))
+        return (y, z), logits, torch.where(inputs[:, 0] % 2 == 0, 1.0, -1.0)
+    model.forward = halting_forward
+    res = evaluate.evaluate_halting(model, ds, 4, 4, torch.device("cpu"), NO_AUTOCAST)
+    even = int((ds.inputs[:, 0] % 2 == 0).sum())
+    total = even + 4 * (40 - even)
+    assert 0 < even < 40 and res["mean_steps"] == total / 40
+    assert len(calls) <= math.ceil(total / 4) + 4 < 4 * 10
+
+
+# ---------------------------------------------------------------------------------------------- bench
+
+@pytest.mark.parametrize("mlp_t", [True, False])
+def test_flops_formula_equals_what_torch_counts_in_a_training_step(mlp_t):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    model = tiny_model(seq_len=16, puzzle_emb_len=2, n=2, T=3, mlp_t=mlp_t, rope=not mlp_t)
+    batch = tiny_batch(model, B=3)
+    carry = train.initial_carry(model, batch)
+    # the math backend runs attention as counted matmuls (the CPU's fused kernel is not counted)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        loss, *_ = train.supervision_step(model, carry, batch, 0, NO_AUTOCAST)
+        loss.backward()
+    assert counter.get_total_flops() == 3 * train.flops_per_sample(model.cfg)
+
+
+def test_bench_prints_one_line_per_variant(workdir, capsys):
+    train.main(TINY + ["--bench", "float32,bfloat16", "--bench-steps", "1"])
+    lines = [l for l in capsys.readouterr().out.splitlines() if "samples/s" in l]
+    assert [l.split(":")[0].strip() for l in lines] == ["float32", "bfloat16"]
+    assert all("MFU" in l and "peak memory" in l for l in lines)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from data import Batches, DataError, rows_per_epoch
-from model import TRM, TRMConfig
+from model import TRM, SwiGLU, TRMConfig
 
 TASKS = ("sudoku", "maze", "arc")
 
@@ -76,6 +76,8 @@ class TrainConfig:
     resume: str = ""                     # a checkpoint path, or "auto" for the newest complete one in --out
     overwrite: bool = False
     skip_nonfinite: int = 0              # steps with a non-finite loss or gradient to skip before stopping
+    bench: str = ""                      # measure instead of training: variants such as float32,bfloat16,bfloat16+compile
+    bench_steps: int = 5                 # timed steps per variant, after 2 warm-up steps
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -260,7 +262,11 @@ def parse_args(argv):
     for cls in (TrainConfig, TRMConfig):
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
-            if f.type is bool or f.type == "bool":
+            if f.name == "bench":    # a bare --bench compares float32 and bfloat16
+                p.add_argument(flag, nargs="?", const="float32,bfloat16", default=argparse.SUPPRESS,
+                               help="time training steps of each variant (dtype, +compile) instead of training; "
+                                    "a bare --bench is float32,bfloat16")
+            elif f.type is bool or f.type == "bool":
                 p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=f"(default {f.default})")
             else:
@@ -317,6 +323,9 @@ def check_config(tcfg, mcfg):
 
 def setup_runtime(tcfg):
     device = torch.device(tcfg.device if tcfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:   # torchrun: a GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
     dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     compile_on = tcfg.compile == "on" or (tcfg.compile == "auto" and device.type == "cuda")
     if tcfg.threads:
@@ -568,6 +577,113 @@ def update(optimizer, model, ema_params, ids, puzzle_grad, step, tcfg):
     torch._foreach_lerp_(ema_params, list(model.parameters()), 1 - tcfg.ema)
 
 
+# ---------------------------------------------------------------------------------------------- bench
+
+def flops_per_sample(mcfg):
+    """Matmul FLOPs of one training supervision step for one sample, counted from the shapes (norms, RoPE, the
+    loss and the optimizer are not matmuls and not counted). S = P + L positions, F and Ft the SwiGLU widths
+    over D channels and over S positions. Per net call and layer:
+        attention:   2·S·D·4D (qkv, o) + 4·S²·D (scores, weighted values) + 6·S·D·F (gate, up, down)
+        token MLP:   6·D·S·Ft (SwiGLU over positions)                     + 6·S·D·F
+    A step makes T(n+1) net calls forward; backward costs twice the forward of the n+1 calls with gradient.
+    The heads run once with gradient, x3: output head 2·S·D·V (it sees the prefix positions too), Q head 2·D·2."""
+    S, D, V = mcfg.puzzle_emb_len + mcfg.seq_len, mcfg.d_model, mcfg.vocab_size
+    F = SwiGLU.width(D, mcfg.expansion)
+    if mcfg.mlp_t:
+        mix = 6 * D * S * SwiGLU.width(S, mcfg.expansion)
+    else:
+        mix = 2 * S * D * 4 * D + 4 * S * S * D
+    net = mcfg.n_layers * (mix + 6 * S * D * F)
+    return (mcfg.T * (mcfg.n + 1) + 2 * (mcfg.n + 1)) * net + 3 * (2 * S * D * V + 2 * D * 2)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device, dtype):
+    """FLOP/s of a large square matmul in dtype on device, measured now (best of 5): the MFU denominator."""
+    N = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(N, N, device=device).to(getattr(torch, dtype)) for _ in range(2))
+    best = float("inf")
+    for _ in range(7):
+        synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * N ** 3 / best
+
+
+def peak_memory(device, reset=False):
+    """Peak bytes: CUDA memory allocated, or on a CPU the process's peak resident set (Linux), reset on request."""
+    if device.type == "cuda":
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    except OSError:
+        return float("nan")
+
+
+def bench(tcfg, mcfg):
+    """Time full training steps (forward, backward, AdamW, sign-SGD, EMA) on random puzzles of the configured
+    shape, one line per variant; no data is built and nothing is written."""
+    flops = flops_per_sample(mcfg)
+    print(f"bench {tcfg.task}/{tcfg.preset}: batch {tcfg.batch_size}, D {mcfg.d_model}, "
+          f"{'token MLP' if mcfg.mlp_t else 'attention'}, n {mcfg.n}, T {mcfg.T}, "
+          f"{mcfg.puzzle_emb_len + mcfg.seq_len} positions; {flops / 1e9:.2f} GFLOP per sample and step")
+    for variant in tcfg.bench.split(","):
+        dtype, _, compiled = variant.partition("+")
+        vcfg = dataclasses.replace(tcfg, dtype=dtype, compile="on" if compiled == "compile" else "off")
+        check_config(vcfg, mcfg)
+        if compiled not in ("", "compile"):
+            raise DataError(f"--bench variant {variant!r}; expected a dtype, optionally followed by +compile")
+        device, dtype, compile_on, autocast = setup_runtime(vcfg)
+        torch.manual_seed(tcfg.seed)
+        model = TRM(mcfg).to(device).train()
+        ema_params = [p.detach().clone() for p in model.parameters()]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
+                                      weight_decay=tcfg.weight_decay, fused=device.type == "cuda")
+        B, L, V = tcfg.batch_size, mcfg.seq_len, mcfg.vocab_size
+        batch = dict(inputs=torch.randint(1, V, (B, L), device=device), labels=torch.randint(1, V, (B, L), device=device),
+                     puzzle_ids=torch.randint(0, mcfg.num_puzzle_ids, (B,), device=device))
+        carry = initial_carry(model, batch)
+        step_fn = torch.compile(supervision_step) if compile_on else supervision_step
+        micro = micro_batch_size(tcfg, mcfg, device)
+        min_steps = torch.zeros(B, dtype=torch.long, device=device)
+
+        def one_step(carry):
+            loss, carry, ids, puzzle_grad, _ = accumulated_step(step_fn, model, carry, batch, min_steps, micro, B,
+                                                                autocast)
+            update(optimizer, model, ema_params, ids, puzzle_grad, 0, tcfg)
+            return carry
+
+        peak_memory(device, reset=True)
+        t = time.perf_counter()
+        for _ in range(2):
+            carry = one_step(carry)
+        synchronize(device)
+        warm = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(tcfg.bench_steps):
+            carry = one_step(carry)
+        synchronize(device)
+        per_step = (time.perf_counter() - t) / tcfg.bench_steps
+        memory = peak_memory(device)
+        achieved, peak = flops * B / per_step, matmul_peak(device, dtype)
+        print(f"{variant:>18}: {B / per_step:8,.1f} samples/s | {1000 * per_step:9,.1f} ms/step | "
+              f"peak memory {memory / 1e9:5.2f} GB | {achieved / 1e12:6.3f} TFLOP/s = {achieved / peak:5.1%} MFU of "
+              f"{peak / 1e12:.3f} TFLOP/s measured {dtype} matmul | warm-up {warm:.0f}s"
+              + (f", micro-batches of {micro}" if micro < B else ""), flush=True)
+
+
 def format_time(seconds):
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
@@ -577,6 +693,8 @@ def main(argv=None):
     given = parse_args(argv)
     try:
         tcfg, mcfg = resolve_config(given)
+        if tcfg.bench:
+            return bench(tcfg, mcfg)
         tcfg.out = tcfg.out or os.path.join("out", f"{tcfg.task}-{tcfg.preset}")
         resume_state = None
         if tcfg.resume:
