@@ -994,3 +994,16 @@ def test_bench_prints_one_line_per_variant(workdir, capsys):
     lines = [l for l in capsys.readouterr().out.splitlines() if "samples/s" in l]
     assert [l.split(":")[0].strip() for l in lines] == ["float32", "bfloat16"]
     assert all("MFU" in l and "peak memory" in l for l in lines)
+
+
+def test_a_tiny_model_learns_tiny_mazes(workdir):
+    """5x5 mazes with shortest paths of 6+ cells: copying the maze gets none exactly right; a small token-MLP model
+    learns to draw the path in ~30 s."""
+    args = ["--task", "maze", "--preset", "cpu", "--size", "5", "--seq-len", "25", "--mlp-t", "--no-rope",
+            "--d-model", "64", "--n-heads", "4", "--n", "1", "--T", "1", "--n-sup", "2", "--puzzle-emb-len", "1",
+            "--batch-size", "64", "--train-puzzles", "2000", "--num-aug", "7", "--test-puzzles", "200",
+            "--eval-limit", "200", "--lr", "3e-3", "--warmup-steps", "10", "--ema", "0.9", "--max-steps", "250",
+            "--eval-interval", "0", "--log-interval", "60", "--out", "learn_maze"]
+    _, _, results = train.train(*train.resolve_config(train.parse_args(args)))
+    assert results[-1]["exact"] >= 0.5, f"held-out exact accuracy {results[-1]['exact']:.0%} after 250 steps"
+    assert results[-1]["valid"] >= results[-1]["exact"]     # an exact answer is a shortest path
