@@ -4,6 +4,7 @@ A dataset is a set of fixed-length token sequences (inputs and labels, both [N, 
 every row of a group is one augmentation of the same puzzle. An epoch draws one row per group, in a
 random order, as the reference does. Token 0 is padding everywhere and is never a training target.
 """
+import functools
 import http.client
 import json
 import os
@@ -80,6 +81,16 @@ class Dataset:
         """One row per puzzle, one shared puzzle id: test sets, and tasks with no puzzle-id embedding."""
         n = len(inputs)
         return cls(inputs, labels, np.zeros(n, np.int32), np.arange(n + 1, dtype=np.int64), vocab_size, 1)
+
+    @functools.cached_property
+    def puzzle_starts(self):
+        """[P + 1] row offsets of the puzzles: runs of rows sharing a puzzle id inside a group (an augmented ARC
+        task and its examples), or single rows when the dataset has one shared id (Sudoku, maze). Computed once:
+        an ARC epoch is only a few batches."""
+        if self.num_puzzle_ids == 1:
+            return np.arange(len(self.inputs) + 1, dtype=np.int64)
+        change = np.flatnonzero(np.diff(self.puzzle_ids) != 0) + 1
+        return np.unique(np.r_[change, self.group_starts]).astype(np.int64)
 
     @property
     def seq_len(self):
@@ -195,21 +206,12 @@ def real_or_generated(tcfg, split, name, load, generate):
 
 # ------------------------------------------------------------------------------------------ batching
 
-def puzzle_starts(ds):
-    """[P + 1] row offsets of the puzzles: runs of rows sharing a puzzle id inside a group (an augmented ARC task
-    and its examples), or single rows when the dataset has one shared id (Sudoku, maze)."""
-    if ds.num_puzzle_ids == 1:
-        return np.arange(len(ds.inputs) + 1, dtype=np.int64)
-    change = np.flatnonzero(np.diff(ds.puzzle_ids) != 0) + 1
-    return np.unique(np.r_[change, ds.group_starts]).astype(np.int64)
-
-
 def epoch_rows(ds, seed, epoch):
     """The rows of one epoch, as the reference draws them: one random puzzle of every group with all its rows,
     groups in random order. Depends only on (seed, epoch), so a resumed run replays the same order."""
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(ds.num_groups)
-    starts = puzzle_starts(ds)
+    starts = ds.puzzle_starts
     first = np.searchsorted(starts, ds.group_starts)                 # [G + 1] first puzzle of every group
     count = np.diff(first)[order]
     puzzle = first[order] + (rng.random(len(order)) * count).astype(np.int64)
@@ -222,7 +224,7 @@ def epoch_rows(ds, seed, epoch):
 def rows_per_epoch(ds):
     """Expected rows of an epoch (the mean puzzle size of each group, summed): epochs x this / batch size is the
     reference's step count."""
-    starts = puzzle_starts(ds)
+    starts = ds.puzzle_starts
     puzzles = np.diff(np.searchsorted(starts, ds.group_starts))
     return float((np.diff(ds.group_starts) / puzzles).sum())
 
