@@ -552,7 +552,7 @@ def train(tcfg, mcfg, resume_state=None):
             eta = (total_steps - step) * tcfg.batch_size / max(rate, 1e-9)
             log(f"step {step}/{total_steps} epoch {batches.epochs_done:.1f} | loss {s['lm_loss'] / per_sample:.4f} "
                 f"halt {s['halt_loss'] / per_sample:.4f} | exact {s['exact'] / halted:.1%} "
-                f"steps {s['steps'] / halted:.1f} | {rate:,.0f} samples/s | lr {lr:.2e} | ETA {format_time(eta)}"
+                f"steps {s['steps'] / halted:.1f} | {rate:,.{1 if rate < 10 else 0}f} samples/s | lr {lr:.2e} | ETA {format_time(eta)}"
                 + (f" | {skipped} non-finite steps skipped" if skipped else ""),
                 kind="train", step=step, epoch=batches.epochs_done, lm_loss=s["lm_loss"] / per_sample,
                 halt_loss=s["halt_loss"] / per_sample, exact=s["exact"] / halted,
