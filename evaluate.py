@@ -6,6 +6,7 @@
 import argparse
 import dataclasses
 import importlib
+import math
 import os
 import sys
 import time
@@ -90,10 +91,11 @@ def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None,
 
 
 @torch.no_grad()
-def evaluate_halting(model, ds, N, batch_size, device, autocast, limit=None, ranks=None):
-    """Inference with halting: each puzzle stops after the first step whose halt logit is positive (at most N
-    steps), and its slot takes the next puzzle at once, so batches stay full while puzzles remain (the paper
-    halts only in training). Returns exact, token accuracy, mean steps used and count."""
+def evaluate_halting(model, ds, N, batch_size, device, autocast, limit=None, ranks=None, threshold=0.5):
+    """Inference with halting: each puzzle stops after the first step whose halt probability (sigmoid of the
+    halt logit) exceeds threshold, at most N steps; 0.5 is training's rule, halt logit > 0. A halted slot
+    takes the next puzzle at once, so batches stay full while puzzles remain (the paper halts only in
+    training). Returns exact, token accuracy, mean steps used and count."""
     model.eval()
     n = eval_rows(ds, limit)
     rank, world = (ranks.rank, ranks.world) if ranks else (0, 1)
@@ -125,7 +127,7 @@ def evaluate_halting(model, ds, N, batch_size, device, autocast, limit=None, ran
         steps = torch.where(fresh, 0, steps) + 1
         with autocast:
             (y, z), logits, q_halt = model(inputs, model.puzzle_emb[ids], y, z)
-        done = active & ((q_halt > 0) | (steps >= N))
+        done = active & ((q_halt > math.log(threshold / (1 - threshold))) | (steps >= N))
         mask = labels != 0
         right = (logits.argmax(-1) == labels) & mask
         sums += torch.stack([((right | ~mask).all(-1) & done).sum(), (right & done[:, None]).sum(),
@@ -208,7 +210,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="folder for the table, plot and pictures (default: the checkpoint's)")
     p.add_argument("--solve", default=None, help="solve one puzzle given as a string (sudoku: 81 characters)")
     p.add_argument("--halt", action="store_true", help="also run with halting: each puzzle stops when its halt "
-                   "logit is positive; reports accuracy and the mean steps used")
+                   "probability exceeds --halt-threshold; reports accuracy and the mean steps used")
+    p.add_argument("--halt-threshold", type=float, default=0.95,
+                   help="halt probability that stops a puzzle (0.5: training's rule, halt logit > 0)")
     args = p.parse_args(argv)
     try:
         run(args)
@@ -228,6 +232,8 @@ def run(args):
     device, _, _, autocast = setup_runtime(tcfg)
     model.to(device)
     N = mcfg.N_sup if args.steps is None else args.steps
+    if not 0 < args.halt_threshold < 1:
+        raise DataError(f"--halt-threshold is {args.halt_threshold}; expected a probability between 0 and 1")
     if N < 1 or args.limit < 0 or args.batch_size < 1:
         raise DataError("--steps, --limit and --batch-size must be positive whole numbers")
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
@@ -250,7 +256,7 @@ def run(args):
     res = evaluate(model, test_ds, N, args.batch_size, device, autocast, limit=args.limit or None,
                    check=getattr(task, "check", None), keep=(N,) if score else (), ranks=ranks)
     halting = args.halt and evaluate_halting(model, test_ds, N, args.batch_size, device, autocast,
-                                             limit=args.limit or None, ranks=ranks)
+                                             limit=args.limit or None, ranks=ranks, threshold=args.halt_threshold)
     if not ranks.main:     # the others only took part in the evaluations
         return
     has_valid = "valid" in res[0]
@@ -264,7 +270,7 @@ def run(args):
     if score:
         print(f"after {N} steps: " + score(tcfg, res[-1]["preds"], res[-1]["halt"], out=out)[1])
     if halting:
-        print(f"with halting: exact {halting['exact']:.2%}, token {halting['token']:.2%}, "
+        print(f"with halting at p > {args.halt_threshold}: exact {halting['exact']:.2%}, token {halting['token']:.2%}, "
               f"{halting['mean_steps']:.2f} steps on average (at most {N}); "
               f"fixed depth {N}: exact {res[-1]['exact']:.2%}, token {res[-1]['token']:.2%}")
 

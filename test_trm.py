@@ -543,6 +543,7 @@ BAD_EVALUATIONS = [
     (["--checkpoint", "GOOD", "--solve", "123"], "--solve puzzle"),
     (["--checkpoint", "GOOD", "--solve", "x" * 81], "--solve puzzle"),
     (["--checkpoint", "GOOD", "--steps", "0"], "--steps, --limit and --batch-size must be positive"),
+    (["--checkpoint", "GOOD", "--halt", "--halt-threshold", "1.5"], "--halt-threshold is 1.5; expected a probability"),
 ]
 
 
