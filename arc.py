@@ -13,6 +13,7 @@ task its own puzzle id. The training set holds the training tasks' pairs and the
 demonstrations; the test set holds the evaluation tasks' test inputs under the same transforms and puzzle
 ids, so the puzzle embeddings learned from the demonstrations are the ones used on the test inputs.
 """
+import functools
 import glob
 import hashlib
 import json
@@ -520,14 +521,19 @@ def smallest(tasks, count):
 
 def prepared(tcfg):
     """(train Dataset, test Dataset, test metadata, evaluation tasks) of the settings, cached under data/arc/."""
+    return _prepared(tcfg.data, tcfg.extra, tcfg.train_puzzles, tcfg.test_puzzles, tcfg.num_aug, tcfg.size,
+                     tcfg.data_seed)
+
+
+@functools.lru_cache(maxsize=1)   # every evaluation during training scores against the same data
+def _prepared(data, extra, train_count, eval_count, num_aug, size, seed):
     t0 = time.time()
-    train, evaluation = load_tasks(tcfg.data, tcfg.extra)
-    train, evaluation = smallest(train, tcfg.train_puzzles), smallest(evaluation, tcfg.test_puzzles)
-    name = (f"{os.path.basename(os.path.normpath(tcfg.data))}-train{len(train)}-eval{len(evaluation)}"
-            f"-aug{tcfg.num_aug}-size{tcfg.size}-s{tcfg.data_seed}")
-    train_ds, test_ds, meta, _ = build_cached(os.path.join("data", "arc", name), train, evaluation, tcfg.num_aug,
-                                              tcfg.data_seed, tcfg.size)
-    print(f"ARC data: {len(train)} training and {len(evaluation)} evaluation tasks, {tcfg.num_aug} augmentations: "
+    train, evaluation = load_tasks(data, extra)
+    train, evaluation = smallest(train, train_count), smallest(evaluation, eval_count)
+    name = (f"{os.path.basename(os.path.normpath(data))}-train{len(train)}-eval{len(evaluation)}"
+            f"-aug{num_aug}-size{size}-s{seed}")
+    train_ds, test_ds, meta, _ = build_cached(os.path.join("data", "arc", name), train, evaluation, num_aug, seed, size)
+    print(f"ARC data: {len(train)} training and {len(evaluation)} evaluation tasks, {num_aug} augmentations: "
           f"{len(train_ds.inputs):,} training rows, {len(test_ds.inputs):,} test rows, "
           f"{train_ds.num_puzzle_ids:,} puzzle ids ({time.time() - t0:.1f}s)")
     return train_ds, test_ds, meta, evaluation
@@ -547,8 +553,9 @@ def score(tcfg, preds, halt_probs, out=None):
     ranked = vote(unaugment(meta, rows, preds, halt_probs))
     tasks = {str(t): tasks[str(t)] for t in meta["task_ids"][np.unique(meta["task"][rows])]}
     truths = true_outputs(tasks)
-    scores = {f"pass@{k}": pass_at_k(ranked, truths, k)[0] if truths else None for k in PASS_K}
-    scores["per_task_pass@2"] = pass_at_k(ranked, truths, 2)[1] if truths else {}
+    passed = {k: pass_at_k(ranked, truths, k) for k in PASS_K} if truths else {}
+    scores = {f"pass@{k}": passed[k][0] if passed else None for k in PASS_K}
+    scores["per_task_pass@2"] = passed[2][1] if passed else {}
     line = (", ".join(f"{k} {v:.2%}" for k, v in scores.items() if k.startswith("pass@") and v is not None)
             or "no known test outputs to score") + f" on {len(tasks)} ARC tasks ({len(truths)} test inputs)"
     if out:

@@ -16,6 +16,7 @@ import torch
 
 from data import Dataset, DataError, eval_rows, to_device
 from model import TRM, TRMConfig, from_reference_state_dict
+from train import Ranks, TrainConfig, load_checkpoint, read_torch_file, resolve_config, setup_runtime
 
 
 class Progress:
@@ -41,15 +42,13 @@ def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None,
     in keep the predictions (uint8 [rows, L]) and halt probabilities (sigmoid of the halt logit, [rows]).
     Under torchrun (ranks) every rank runs an equal share of the rows; rank 0 gets the whole results."""
     model.eval()
-    n = eval_rows(ds, limit)
-    rank, world = (ranks.rank, ranks.world) if ranks else (0, 1)
-    lo, hi = n * rank // world, n * (rank + 1) // world
-    progress = Progress(hi - lo)
+    mine = (ranks or Ranks()).rows(eval_rows(ds, limit))
+    progress = Progress(mine.stop - mine.start)
     sums = torch.zeros(3, N, dtype=torch.float64, device=device)    # exact, token, valid after each step
     tokens = count = 0
     kept = {k: ([], []) for k in keep}
-    for start in range(lo, hi, batch_size):
-        batch = to_device(ds, np.arange(start, min(start + batch_size, hi)), device)
+    for start in range(mine.start, mine.stop, batch_size):
+        batch = to_device(ds, np.arange(start, min(start + batch_size, mine.stop)), device)
         inputs, labels = batch["inputs"], batch["labels"]
         mask = labels != 0
         y, z = model.initial_state(inputs.shape[0])
@@ -69,23 +68,18 @@ def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None,
         tokens += mask.sum().item()
         count += inputs.shape[0]
         progress(count)
-    totals = torch.tensor([tokens, count], dtype=torch.float64, device=device)
-    if world > 1:
-        import torch.distributed as dist
-        dist.all_reduce(sums)
-        dist.all_reduce(totals)
-        gathered = [None] * world
-        dist.all_gather_object(gathered, {k: [np.concatenate(p) if p else None for p in v] for k, v in kept.items()})
-        kept = {k: tuple([g[k][i] for g in gathered if g[k][i] is not None] for i in (0, 1)) for k in keep}
-    exact, token, valid = sums.cpu().numpy()
-    tokens, count = totals.tolist()
+    ranks = ranks or Ranks()
+    exact, token, valid = ranks.sum(sums).cpu().numpy()
+    tokens, count = ranks.sum(torch.tensor([tokens, count], dtype=torch.float64, device=device)).tolist()
+    kept = {k: [np.concatenate([a for part in ranks.gather_objects(arrays) for a in part]) for arrays in pair]
+            for k, pair in kept.items()}
     results = []
     for k in range(1, N + 1):
         r = dict(step=k, exact=exact[k - 1] / count, token=token[k - 1] / max(tokens, 1), count=int(count))
         if check is not None:
             r["valid"] = valid[k - 1] / count
         if k in kept:
-            r["preds"], r["halt"] = (np.concatenate(part) for part in kept[k])
+            r["preds"], r["halt"] = kept[k]
         results.append(r)
     return results
 
@@ -97,9 +91,9 @@ def evaluate_halting(model, ds, N, batch_size, device, autocast, limit=None, ran
     takes the next puzzle at once, so batches stay full while puzzles remain (the paper halts only in
     training). Returns exact, token accuracy, mean steps used and count."""
     model.eval()
-    n = eval_rows(ds, limit)
-    rank, world = (ranks.rank, ranks.world) if ranks else (0, 1)
-    lo, hi = n * rank // world, n * (rank + 1) // world
+    ranks = ranks or Ranks()
+    mine = ranks.rows(eval_rows(ds, limit))
+    lo, hi = mine.start, mine.stop
     B, L = max(1, min(batch_size, hi - lo)), ds.seq_len
     inputs = torch.zeros(B, L, dtype=torch.long, device=device)
     labels = torch.zeros_like(inputs)
@@ -135,13 +129,8 @@ def evaluate_halting(model, ds, N, batch_size, device, autocast, limit=None, ran
         active = active & ~done
         free = (~active).nonzero()[:, 0]       # one host sync per step: which slots take new puzzles
         progress(next_row - lo)
-    count = torch.tensor(float(hi - lo), dtype=torch.float64, device=device)
-    if world > 1:
-        import torch.distributed as dist
-        dist.all_reduce(sums)
-        dist.all_reduce(count)
-    exact, right, tokens, used = sums.tolist()
-    count = count.item()
+    exact, right, tokens, used = ranks.sum(sums).tolist()
+    count = ranks.sum(torch.tensor(float(hi - lo), dtype=torch.float64, device=device)).item()
     return dict(exact=exact / count, token=right / max(tokens, 1), mean_steps=used / count, count=int(count))
 
 
@@ -177,7 +166,6 @@ def reference_config(sd, task):
 
 def load_for_eval(path, task=None):
     """Our checkpoint (EMA weights) or a reference state_dict. Returns (model, train config dict, model config)."""
-    from train import load_checkpoint, read_torch_file, resolve_config
     raw = read_torch_file(path)
     if isinstance(raw, dict) and any(k.removeprefix("_orig_mod.").startswith("inner.") for k in raw):
         task = task or "sudoku"
@@ -222,7 +210,6 @@ def main(argv=None):
 
 
 def run(args):
-    from train import Ranks, TrainConfig, setup_runtime
     ranks = Ranks.from_env()     # under torchrun every rank evaluates a share; rank 0 reports
     if not ranks.main:
         sys.stdout = open(os.devnull, "w")

@@ -505,7 +505,7 @@ def parse_solve(text, mcfg):
     size = math.isqrt(mcfg.seq_len)
     q = encode(text, size)
     if (q == 3).sum() != 1 or (q == 4).sum() != 1 or (q == 5).any():
-        raise DataError(f"the --solve maze needs exactly one S and one G and no 'o' cells")
+        raise DataError("the --solve maze needs exactly one S and one G and no 'o' cells")
     return q, np.zeros_like(q)
 
 

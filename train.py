@@ -11,13 +11,11 @@ import dataclasses
 import glob
 import importlib
 import json
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -359,9 +357,8 @@ class Ranks:
         return cls(dist.get_rank(), world, dist.get_backend())
 
     def rows(self, n):
-        """This rank's rows of n global rows."""
-        per = n // self.world
-        return slice(self.rank * per, (self.rank + 1) * per)
+        """This rank's contiguous share of n global rows (equal shares when world divides n)."""
+        return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)
 
     @contextlib.contextmanager
     def main_first(self):
@@ -372,6 +369,22 @@ class Ranks:
         yield
         if self.world > 1 and self.main:
             dist.barrier()
+
+    def sum(self, tensor):
+        """tensor summed over the ranks, in place."""
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(tensor)
+        return tensor
+
+    def gather_objects(self, obj):
+        """Every rank's picklable obj (arrays of predictions, say), in rank order."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
     def gather(self, tensor):
         """Every rank's tensor, concatenated along dim 0 in rank order."""
@@ -388,12 +401,10 @@ class Ranks:
         update to its copy of the table."""
         if self.world == 1:
             return loss, stats, ids, puzzle_grad
-        import torch.distributed as dist
         grads = [p.grad for p in params]
         names = list(stats)
         extra = torch.stack([loss.float()] + [stats[k].float() for k in names])
-        flat = torch.cat([g.reshape(-1) for g in grads] + [extra])
-        dist.all_reduce(flat)
+        flat = self.sum(torch.cat([g.reshape(-1) for g in grads] + [extra]))
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
