@@ -1,11 +1,17 @@
-"""Datasets for TRM: the on-disk format, epochs over augmentation groups, batching, augmentation helpers.
+"""Datasets for TRM: the on-disk format, epochs over augmentation groups, batching, augmentation helpers,
+and the settings a run reads its data by (TrainConfig, shared by train.py, evaluate.py and the task files),
+with the split of every batch between torchrun processes (Ranks).
 
 A dataset is a set of fixed-length token sequences (inputs and labels, both [N, L]) grouped by puzzle:
 every row of a group is one augmentation of the same puzzle. An epoch draws one row per group, in a
 random order, as the reference does. Token 0 is padding everywhere and is never a training target.
 """
+import argparse
+import contextlib
+import dataclasses
 import functools
 import http.client
+import importlib
 import json
 import os
 import shutil
@@ -25,6 +31,10 @@ DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
 
 class DataError(ValueError):
     """Bad input data: the message is one sentence naming the file, row or value and what was expected."""
+
+
+class SettingsError(ValueError):
+    """A setting that cannot work (a flag out of range, an unknown preset): one sentence naming it."""
 
 
 def dihedral(grid, k):
@@ -279,3 +289,212 @@ def to_device(ds, rows, device):
 def eval_rows(ds, limit=None):
     """Rows of the first `limit` groups (test puzzles; an ARC task with all its augmentations), all when None."""
     return int(ds.group_starts[ds.num_groups if limit is None else min(limit, ds.num_groups)])
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+TASKS = ("sudoku", "maze", "arc")
+
+
+@dataclass
+class TrainConfig:
+    task: str = "sudoku"
+    preset: str = "auto"                 # paper on CUDA, cpu otherwise
+    preset_note: str = ""                # why this preset: chosen, or the default for this machine
+    out: str = ""                        # default out/{task}-{preset}
+    # data (each task reads the fields it needs)
+    data: str = "generate"               # generate, hub, a local CSV file / folder; arc: arcagi1, kaggle2025, a folder
+    train_puzzles: int = 1000            # arc: training tasks (the smallest), 0 = all
+    test_puzzles: int = 1000             # arc: evaluation tasks (the smallest), 0 = all
+    num_aug: int = 1000                  # augmentations per training puzzle
+    min_blanks: int = 40                 # sudoku generator
+    max_blanks: int = 58                 # random removal of givens rarely gets past 60 blanks
+    difficulty: int = 0                  # sudoku generator: least solver effort (guesses) a puzzle needs
+    size: int = 30                       # maze side; arc: canvas side
+    min_path: int = 0                    # maze generator: shortest path length, 0 = scaled to the size
+    extra: str = ""                      # arc: more training tasks (task folders or Kaggle files, comma-separated)
+    data_seed: int = 0
+    # optimisation
+    batch_size: int = 768
+    micro_batch: int = 0                 # rows per forward/backward, gradients accumulated; 0 = auto
+    lr: float = 1e-4
+    warmup_steps: int = 2000
+    weight_decay: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    puzzle_emb_lr: float = 1e-4
+    puzzle_emb_weight_decay: float = 1.0
+    ema: float = 0.999
+    epochs: int = 50000
+    max_steps: int = 0                   # 0: epochs * train puzzles / batch_size, as the reference counts
+    halt_exploration_prob: float = 0.1
+    # running
+    eval_interval: int = 2000            # steps; 0 evaluates only at the end
+    eval_limit: int = 1000               # held-out puzzles (arc: tasks) per periodic evaluation
+    checkpoint_interval: int = 2000
+    log_interval: float = 5.0            # seconds between log lines
+    dtype: str = "auto"                  # bfloat16 on CUDA, float32 elsewhere
+    compile: str = "auto"                # on for CUDA, off elsewhere
+    device: str = "auto"                 # cuda, then mps, then cpu
+    threads: int = 0                     # CPU threads, 0 = torch's default
+    seed: int = 0
+    resume: str = ""                     # a checkpoint path, or "auto" for the newest complete one in --out
+    overwrite: bool = False
+    skip_nonfinite: int = 0              # steps with a non-finite loss or gradient to skip before stopping
+    bench: str = ""                      # time training steps instead: e.g. float32,bfloat16,bfloat16+compile
+    bench_steps: int = 5                 # timed steps per variant, after 2 warm-up steps
+
+
+def parse_args(argv, description=None):
+    """train.py's command line: every field of TrainConfig and TRMConfig becomes a --flag; only the flags
+    actually given are returned, so that a preset fills the rest."""
+    from model import TRMConfig
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for cls in (TrainConfig, TRMConfig):
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            if f.name == "bench":    # a bare --bench compares float32 and bfloat16
+                p.add_argument(flag, nargs="?", const="float32,bfloat16", default=argparse.SUPPRESS,
+                               help="time training steps of each variant (dtype, +compile) instead of training; "
+                                    "a bare --bench is float32,bfloat16")
+            elif f.type is bool or f.type == "bool":
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=f"(default {f.default})")
+            else:
+                p.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS,
+                               help=f"(default {f.default})")
+    p.add_argument("--n-sup", dest="N_sup", type=int, default=argparse.SUPPRESS,
+                   help="supervision steps (default 16)")
+    return vars(p.parse_args(argv))
+
+
+def resolve_config(given):
+    """Defaults < task preset < the settings given (a dict of field names). Returns (TrainConfig, TRMConfig)."""
+    from model import TRMConfig
+    task = given.get("task", TrainConfig.task)
+    if task not in TASKS:
+        raise SettingsError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    module = importlib.import_module(task)
+    preset = given.get("preset", "auto")
+    if preset == "auto":
+        preset = "paper" if torch.cuda.is_available() else "cpu"
+        given = {**given, "preset_note": f"default {'with' if preset == 'paper' else 'without'} CUDA"}
+    if preset not in module.PRESETS:
+        raise SettingsError(f"unknown preset {preset!r} for {task}; expected one of {', '.join(module.PRESETS)}")
+    settings = {**module.PRESETS[preset], **given, "task": task, "preset": preset}
+    settings.setdefault("preset_note", "chosen")
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    tcfg = TrainConfig(**{k: v for k, v in settings.items() if k in train_names})
+    mcfg = TRMConfig(**{k: v for k, v in settings.items() if k not in train_names})
+    check_config(tcfg, mcfg)
+    return tcfg, mcfg
+
+
+def check_config(tcfg, mcfg):
+    """Settings that cannot work fail here, before any data is built."""
+    for name, value in (("n", mcfg.n), ("T", mcfg.T), ("n-sup", mcfg.N_sup), ("batch-size", tcfg.batch_size),
+                        ("d-model", mcfg.d_model), ("n-layers", mcfg.n_layers), ("n-heads", mcfg.n_heads)):
+        if value < 1:
+            raise SettingsError(f"--{name} is {value}; expected a whole number of at least 1")
+    for name, value in (("max-steps", tcfg.max_steps), ("epochs", tcfg.epochs),
+                        ("skip-nonfinite", tcfg.skip_nonfinite), ("num-aug", tcfg.num_aug)):
+        if value < 0:
+            raise SettingsError(f"--{name} is {value}; expected a whole number of at least 0")
+    if not tcfg.lr > 0:
+        raise SettingsError(f"--lr is {tcfg.lr}; expected a positive learning rate")
+    if tcfg.train_puzzles and tcfg.batch_size > tcfg.train_puzzles * (tcfg.num_aug + 1):
+        raise SettingsError(f"--batch-size {tcfg.batch_size} is larger than the "
+                            f"{tcfg.train_puzzles * (tcfg.num_aug + 1)} training rows "
+                            f"({tcfg.train_puzzles} puzzles x {tcfg.num_aug + 1} versions)")
+    if mcfg.d_model % mcfg.n_heads:
+        raise SettingsError(f"--d-model {mcfg.d_model} is not divisible by --n-heads {mcfg.n_heads}")
+    if not 0 <= tcfg.ema < 1:
+        raise SettingsError(f"--ema is {tcfg.ema}; expected a rate in [0, 1)")
+    if tcfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise SettingsError(f"--dtype is {tcfg.dtype!r}; expected auto, float32 or bfloat16")
+    if tcfg.compile not in ("auto", "on", "off"):
+        raise SettingsError(f"--compile is {tcfg.compile!r}; expected auto, on or off")
+
+
+def fit_to_data(mcfg, ds, fresh):
+    """The model config for this data: ARC's puzzle-id count comes from the data (one id per augmented task)."""
+    if ds.num_puzzle_ids > 1 and fresh:
+        mcfg = dataclasses.replace(mcfg, num_puzzle_ids=ds.num_puzzle_ids)
+    if mcfg.seq_len != ds.seq_len or mcfg.vocab_size != ds.vocab_size or mcfg.num_puzzle_ids < ds.num_puzzle_ids:
+        raise DataError(f"the data has sequences of {ds.seq_len} tokens over {ds.vocab_size} symbols and "
+                        f"{ds.num_puzzle_ids} puzzle ids, but the model is set for {mcfg.seq_len}, "
+                        f"{mcfg.vocab_size} and {mcfg.num_puzzle_ids}")
+    return mcfg
+
+
+def micro_batch_size(tcfg, mcfg, device, world=1):
+    """Rows per forward/backward: the whole batch on a GPU; on a CPU few enough that the activations kept for
+    the backward pass stay near 6 GB. Measured: about 160 bytes per (net call with gradient) x layer x
+    position x width in float32, i.e. 112 MB per row of the paper's Sudoku model (22 GB peak at 168 rows)."""
+    local = tcfg.batch_size // world
+    if tcfg.micro_batch:
+        return min(tcfg.micro_batch, local)
+    if device.type != "cpu":
+        return local
+    per_row = 160 * (mcfg.n + 1) * mcfg.n_layers * (mcfg.puzzle_emb_len + mcfg.seq_len) * mcfg.d_model
+    return max(1, min(local, int(6e9 // per_row)))
+
+
+# ------------------------------------------------------------------------------ several processes
+
+class Ranks:
+    """This process's place among the torchrun processes (rank 0 of 1 without torchrun). Every rank takes an
+    equal contiguous share of each global batch (and of the evaluation rows); results are summed or gathered
+    so that rank 0 sees the whole."""
+
+    def __init__(self, rank=0, world=1, backend=None):
+        self.rank, self.world, self.backend, self.main = rank, world, backend, rank == 0
+
+    @classmethod
+    def from_env(cls):
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if world == 1:
+            return cls()
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), world, dist.get_backend())
+
+    def rows(self, n):
+        """This rank's contiguous share of n global rows (equal shares when world divides n)."""
+        return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (building cached data, say); the others wait, then run it."""
+        import torch.distributed as dist
+        if self.world > 1 and not self.main:
+            dist.barrier()
+        yield
+        if self.world > 1 and self.main:
+            dist.barrier()
+
+    def sum(self, tensor):
+        """tensor summed over the ranks, in place."""
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(tensor)
+        return tensor
+
+    def gather_objects(self, obj):
+        """Every rank's picklable obj (arrays of predictions, say), in rank order."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def gather(self, tensor):
+        """Every rank's tensor, concatenated along dim 0 in rank order."""
+        if self.world == 1:
+            return tensor
+        import torch.distributed as dist
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)

@@ -5,7 +5,9 @@
 """
 import argparse
 import dataclasses
+import glob
 import importlib
+import json
 import math
 import os
 import sys
@@ -14,9 +16,8 @@ import time
 import numpy as np
 import torch
 
-from data import Dataset, DataError, eval_rows, to_device
-from model import TRM, TRMConfig, from_reference_state_dict
-from train import Ranks, TrainConfig, load_checkpoint, read_torch_file, resolve_config, setup_runtime
+from data import Dataset, DataError, Ranks, SettingsError, TrainConfig, eval_rows, resolve_config, to_device
+from model import TRM, SwiGLU, TRMConfig, from_reference_state_dict
 
 
 class Progress:
@@ -32,6 +33,26 @@ class Progress:
             eta = (now - self.start) / done * (self.total - done)
             print(f"eval: {done}/{self.total} rows, ETA {eta:.0f}s", flush=True)
             self.last = now
+
+
+class Logger:
+    """Prints a line and appends its record, if any, to metrics.jsonl; ranks other than 0 say nothing."""
+
+    def __init__(self, out, quiet=False):
+        self.file = open(os.path.join(out, "metrics.jsonl"), "a") if out else None
+        self.quiet = quiet
+
+    def __call__(self, line, **record):
+        if not self.quiet:
+            print(line, flush=True)
+        if self.file and record:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+
+def format_time(seconds):
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 @torch.no_grad()
@@ -154,6 +175,128 @@ def plot(results, path, title):
     return path
 
 
+# ------------------------------------------------------------------------ devices and checkpoints
+
+def setup_runtime(tcfg):
+    """(device, dtype name, whether to compile, the autocast context) for the settings. --device auto takes
+    CUDA, then Apple's MPS, then the CPU; under torchrun each process takes the GPU of its LOCAL_RANK."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    name = tcfg.device if tcfg.device != "auto" else "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    # MPS is untested here (no Mac): float32 unless --dtype bfloat16 asks for autocast there.
+    dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    compile_on = tcfg.compile == "on" or (tcfg.compile == "auto" and device.type == "cuda")
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    # bf16 forward with float32 master weights: autocast casts each weight once per region.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    return device, dtype, compile_on, autocast
+
+
+def read_torch_file(path):
+    """torch.load of a checkpoint file, with a missing or unreadable file as one sentence."""
+    if not os.path.isfile(path):
+        raise DataError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise DataError(f"checkpoint {path} could not be read ({type(e).__name__}); "
+                        f"it is truncated or not a checkpoint") from None
+
+
+def load_checkpoint(path, state=None):
+    """One of our checkpoints (state: its contents when already read), checked for the parts a run needs."""
+    state = read_torch_file(path) if state is None else state
+    if not isinstance(state, dict) or not {"model", "model_config", "train_config"} <= state.keys():
+        raise DataError(f"{path} is not a checkpoint of this project (model, model_config and train_config expected)")
+    return state
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file or the new one."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoints_in(folder):
+    return sorted(glob.glob(os.path.join(folder, "ckpt_*.pt")))
+
+
+def find_checkpoint(resume, out):
+    """--resume PATH, or --resume auto: the newest checkpoint in out that loads (a damaged one is skipped)."""
+    if resume != "auto":
+        return resume, load_checkpoint(resume)
+    for path in reversed(checkpoints_in(out)):
+        try:
+            return path, load_checkpoint(path)
+        except DataError as e:
+            print(f"skipping {path}: {e}")
+    raise DataError(f"--resume auto found no complete checkpoint in {out}")
+
+
+def flops_per_sample(mcfg):
+    """Matmul FLOPs of one training supervision step for one sample, counted from the shapes (norms, RoPE, the
+    loss and the optimizer are not matmuls and not counted). S = P + L positions, F and Ft the SwiGLU widths
+    over D channels and over S positions. Per net call and layer:
+        attention:   2·S·D·4D (qkv, o) + 4·S²·D (scores, weighted values) + 6·S·D·F (gate, up, down)
+        token MLP:   6·D·S·Ft (SwiGLU over positions)                     + 6·S·D·F
+    A step makes T(n+1) net calls forward; backward costs twice the forward of the n+1 calls with gradient.
+    The heads run once with gradient, x3: output head 2·S·D·V (it sees the prefix positions too), Q head
+    2·D·2."""
+    S, D, V = mcfg.puzzle_emb_len + mcfg.seq_len, mcfg.d_model, mcfg.vocab_size
+    F = SwiGLU.width(D, mcfg.expansion)
+    if mcfg.mlp_t:
+        mix = 6 * D * S * SwiGLU.width(S, mcfg.expansion)
+    else:
+        mix = 2 * S * D * 4 * D + 4 * S * S * D
+    net = mcfg.n_layers * (mix + 6 * S * D * F)
+    return (mcfg.T * (mcfg.n + 1) + 2 * (mcfg.n + 1)) * net + 3 * (2 * S * D * V + 2 * D * 2)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device, dtype):
+    """FLOP/s of a large square matmul in dtype on device, measured now (best of 7): the MFU denominator."""
+    N = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(N, N, device=device).to(getattr(torch, dtype)) for _ in range(2))
+    best = float("inf")
+    for _ in range(7):
+        synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * N ** 3 / best
+
+
+def peak_memory(device, reset=False):
+    """Peak bytes: CUDA memory allocated, or on a CPU the process's peak resident set (Linux), reset on request."""
+    if device.type == "cuda":
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    except OSError:
+        return float("nan")
+
+
 def reference_config(sd, task):
     """A TRMConfig for a reference checkpoint, read off its tensor shapes; n and T are the paper's for the task."""
     V, D = sd["embed_tokens.weight"].shape
@@ -204,7 +347,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         run(args)
-    except DataError as e:
+    except (DataError, SettingsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -220,15 +363,15 @@ def run(args):
     model.to(device)
     N = mcfg.N_sup if args.steps is None else args.steps
     if not 0 < args.halt_threshold < 1:
-        raise DataError(f"--halt-threshold is {args.halt_threshold}; expected a probability between 0 and 1")
+        raise SettingsError(f"--halt-threshold is {args.halt_threshold}; expected a probability between 0 and 1")
     if N < 1 or args.limit < 0 or args.batch_size < 1:
-        raise DataError("--steps, --limit and --batch-size must be positive whole numbers")
+        raise SettingsError("--steps, --limit and --batch-size must be positive whole numbers")
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     os.makedirs(out, exist_ok=True)
 
     if args.solve is not None:
         if not hasattr(task, "parse_solve"):
-            raise DataError(f"--solve is not available for {tcfg.task}: the model only knows the tasks it was trained on")
+            raise SettingsError(f"--solve is not available for {tcfg.task}: the model only knows the tasks it was trained on")
         inputs, labels = task.parse_solve(args.solve, mcfg)
         ds = Dataset.ungrouped(inputs, labels, mcfg.vocab_size)
         res = evaluate(model, ds, N, 1, device, autocast, keep=range(1, N + 1))

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from data import PAD, Dataset, DataError, cached_splits, dihedral, hub_csv, real_or_generated
+from data import PAD, Dataset, DataError, SettingsError, cached_splits, dihedral, hub_csv, real_or_generated
 
 CHARSET = "# SGo"
 WALL, OPEN, START, GOAL, PATH = 1, 2, 3, 4, 5
@@ -464,11 +464,11 @@ def build_datasets(tcfg, splits=("train", "test")):
     """Train: each maze in a group with its first 1 + num_aug dihedral transforms; test: mazes as they are.
     Cached under data/maze/ by their settings."""
     if not 0 <= tcfg.num_aug <= 7:
-        raise DataError(f"--num-aug is {tcfg.num_aug}; a maze has 8 dihedral versions, so expected 0 to 7")
+        raise SettingsError(f"--num-aug is {tcfg.num_aug}; a maze has 8 dihedral versions, so expected 0 to 7")
 
     def hard(split, path):
         if tcfg.size != 30:
-            raise DataError(f"Maze-Hard has 30x30 mazes, not {tcfg.size}x{tcfg.size}")
+            raise SettingsError(f"Maze-Hard has 30x30 mazes, not {tcfg.size}x{tcfg.size}")
         return load_hard(split, path)
 
     def generated(count, seed):

@@ -49,6 +49,11 @@ def record_net_calls(model):
     return calls
 
 
+def one_step(model, carry, batch, min_steps=0.0):
+    """One supervision step of the trainer: refill halted slots from batch, then forward and loss."""
+    return train.supervision_step(model, train.refill(model, carry, batch), min_steps, NO_AUTOCAST)
+
+
 def step_inputs(model, batch):
     y, z = model.initial_state(batch["inputs"].shape[0])
     rows = model.puzzle_emb[batch["puzzle_ids"]]
@@ -121,14 +126,14 @@ def test_no_gradient_crosses_supervision_steps(T):
     model = tiny_model(n=2, T=T, N_sup=4)
     batch = tiny_batch(model)
     carry = train.initial_carry(model, batch)
-    _, carry, *_ = train.supervision_step(model, carry, batch, 0.0, NO_AUTOCAST)
+    carry = one_step(model, carry, batch).carry
     assert not carry["halted"].any(), "the slots must still be in flight for this test to mean anything"
     params = list(model.parameters())
-    loss, *_ = train.supervision_step(model, carry, batch, 0.0, NO_AUTOCAST)
+    loss = one_step(model, carry, batch).loss
     carried = torch.autograd.grad(loss, params, allow_unused=True)
     # The same step from fresh leaf copies of the carried y, z: no earlier step can contribute.
     leaf = dict(carry, y=carry["y"].detach().clone().requires_grad_(), z=carry["z"].detach().clone().requires_grad_())
-    loss_leaf, *_ = train.supervision_step(model, leaf, batch, 0.0, NO_AUTOCAST)
+    loss_leaf = one_step(model, leaf, batch).loss
     fresh = torch.autograd.grad(loss_leaf, params + [leaf["y"], leaf["z"]], allow_unused=True)
     for a, b in zip(carried, fresh):
         torch.testing.assert_close(a, b)
@@ -155,8 +160,9 @@ def test_puzzle_embedding_receives_gradient_through_the_prefix():
     model = tiny_model()
     batch = tiny_batch(model)
     carry = train.initial_carry(model, batch)
-    loss, _, ids, rows, _ = train.supervision_step(model, carry, batch, 0.0, NO_AUTOCAST)
-    loss.backward()
+    result = one_step(model, carry, batch)
+    result.loss.backward()
+    rows = result.puzzle_rows
     assert rows.grad is not None and rows.grad.abs().sum() > 0
 
 
@@ -181,7 +187,7 @@ def run_halting(model, steps, exploration, B=64):
     for k in range(1, steps + 1):
         with torch.no_grad():
             min_steps = train.exploration_min_steps(B, model.cfg.N_sup, exploration, "cpu")
-            _, carry, *_ = train.supervision_step(model, carry, batch, min_steps, NO_AUTOCAST)
+            carry = one_step(model, carry, batch, min_steps).carry
         newly = carry["halted"] & (halted_at == 0)
         halted_at[newly] = k
     return halted_at
@@ -412,7 +418,7 @@ def run_train(*args):
 
 
 def final_state(out):
-    return torch.load(train.checkpoints_in(out)[-1], weights_only=False)
+    return torch.load(evaluate.checkpoints_in(out)[-1], weights_only=False)
 
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(workdir):
@@ -429,28 +435,28 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(workdir):
 def test_ema_arithmetic_and_ema_weights_at_evaluation(workdir):
     run_train("--max-steps", "1", "--ema", "0.75", "--out", "ema1")
     state = final_state("ema1")
-    tcfg, mcfg = train.resolve_config(train.parse_args(TINY))
+    tcfg, mcfg = data.resolve_config(data.parse_args(TINY))
     torch.manual_seed(0)
     init = dict(trm.TRM(mcfg).named_parameters())     # the run seeds 0 right before building its model
     for name, p in init.items():
         torch.testing.assert_close(state["ema"][name], 0.75 * p.detach() + 0.25 * state["model"][name])
-    loaded, _, _ = evaluate.load_for_eval(train.checkpoints_in("ema1")[-1])
+    loaded, _, _ = evaluate.load_for_eval(evaluate.checkpoints_in("ema1")[-1])
     w = loaded.output_head.weight
     assert torch.equal(w, state["ema"]["output_head.weight"]) and not torch.equal(w, state["model"]["output_head.weight"])
 
 
 def test_used_output_folder_is_not_clobbered(workdir, capsys):
     run_train("--max-steps", "1", "--out", "used")
-    before = open(train.checkpoints_in("used")[-1], "rb").read()
+    before = open(evaluate.checkpoints_in("used")[-1], "rb").read()
     with pytest.raises(SystemExit) as e:
         run_train("--max-steps", "1", "--out", "used")
     assert e.value.code != 0 and "already holds a run" in capsys.readouterr().err
-    assert open(train.checkpoints_in("used")[-1], "rb").read() == before
+    assert open(evaluate.checkpoints_in("used")[-1], "rb").read() == before
 
 
 def test_evaluate_reports_every_supervision_step_and_plots(workdir, capsys):
     run_train("--max-steps", "2", "--out", "ev")
-    ckpt = train.checkpoints_in("ev")[-1]
+    ckpt = evaluate.checkpoints_in("ev")[-1]
     evaluate.main(["--checkpoint", ckpt, "--steps", "5", "--limit", "8"])
     out = capsys.readouterr().out
     table = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and "%" in line]
@@ -462,7 +468,7 @@ def test_evaluate_reports_every_supervision_step_and_plots(workdir, capsys):
 
 
 def test_paper_preset_is_the_reference_configuration():
-    tcfg, mcfg = train.resolve_config({"task": "sudoku", "preset": "paper"})
+    tcfg, mcfg = data.resolve_config({"task": "sudoku", "preset": "paper"})
     assert (tcfg.batch_size, tcfg.lr, tcfg.warmup_steps, tcfg.weight_decay, tcfg.ema, tcfg.epochs) == (768, 1e-4, 2000, 1.0, 0.999, 50000)
     assert (tcfg.beta1, tcfg.beta2, tcfg.puzzle_emb_lr, tcfg.train_puzzles, tcfg.num_aug) == (0.9, 0.95, 1e-4, 1000, 1000)
     assert (mcfg.n, mcfg.T, mcfg.N_sup, mcfg.mlp_t, mcfg.rope, mcfg.d_model, mcfg.puzzle_emb_len) == (6, 3, 16, True, False, 512, 16)
@@ -480,7 +486,7 @@ def test_a_tiny_model_learns_sudokus_with_few_blanks(workdir):
     args = TINY + ["--d-model", "64", "--batch-size", "64", "--train-puzzles", "300", "--num-aug", "4",
                    "--test-puzzles", "100", "--eval-limit", "100", "--min-blanks", "1", "--max-blanks", "3",
                    "--lr", "3e-3", "--warmup-steps", "10", "--ema", "0.9", "--max-steps", "150", "--out", "learn"]
-    _, _, results = train.train(*train.resolve_config(train.parse_args(args)))
+    _, _, results = train.train(*data.resolve_config(data.parse_args(args)))
     assert results[-1]["exact"] >= 0.5, f"held-out exact accuracy {results[-1]['exact']:.0%} after 150 steps"
 
 
@@ -499,7 +505,7 @@ def expect_error(capsys, entry, argv, message):
 def damaged(workdir):
     """A good checkpoint, a truncated copy, a text file and a malformed CSV."""
     run_train("--max-steps", "1", "--out", "good")
-    good = train.checkpoints_in("good")[-1]
+    good = evaluate.checkpoints_in("good")[-1]
     blob = open(good, "rb").read()
     open("truncated.pt", "wb").write(blob[: len(blob) // 2])
     open("notes.pt", "w").write("not a checkpoint")
@@ -643,7 +649,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(workdir, caps
     wait_for(os.path.join("halfway", "writing"), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert [os.path.basename(p) for p in train.checkpoints_in("halfway")] == ["ckpt_00000001.pt"]
+    assert [os.path.basename(p) for p in evaluate.checkpoints_in("halfway")] == ["ckpt_00000001.pt"]
     run_train("--max-steps", "4", "--resume", "auto", "--out", "halfway")
     out = capsys.readouterr().out
     assert "resumed at step 1 from halfway/ckpt_00000001.pt" in out and final_state("halfway")["step"] == 4
@@ -664,7 +670,7 @@ def test_nan_loss_stops_training_and_the_checkpoint_on_disk_still_loads(workdir,
     expect_error(capsys, train.main, TINY + ["--max-steps", "6", "--checkpoint-interval", "2", "--out", "nan"],
                  "step 4 has a non-finite loss or gradient, so training stopped before updating; "
                  "the last checkpoint, nan/ckpt_00000002.pt, is intact")
-    state = train.load_checkpoint(train.checkpoints_in("nan")[-1])
+    state = evaluate.load_checkpoint(evaluate.checkpoints_in("nan")[-1])
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
@@ -767,9 +773,9 @@ def test_micro_batches_accumulate_the_whole_batch_gradient():
     for micro in (12, 5):
         model.zero_grad()
         carry = train.initial_carry(model, batch)
-        loss, carry, ids, puzzle_grad, stats = train.accumulated_step(train.supervision_step, model, carry, batch,
-                                                                      min_steps, micro, 12, NO_AUTOCAST)
-        results.append((loss, carry, puzzle_grad, [p.grad.clone() for p in model.parameters()]))
+        r = train.accumulated_step(train.supervision_step, model, train.refill(model, carry, batch), min_steps,
+                                   micro, 12, NO_AUTOCAST)
+        results.append((r.loss, r.carry, r.puzzle_grad, [p.grad.clone() for p in model.parameters()]))
     (loss_a, carry_a, pg_a, grads_a), (loss_b, carry_b, pg_b, grads_b) = results
     torch.testing.assert_close(loss_a, loss_b)
     torch.testing.assert_close(pg_a, pg_b)
@@ -885,7 +891,7 @@ def test_arc_runs_end_to_end_with_voting_and_a_submission(workdir, capsys):
     train.main(ARC_TINY + ["--out", "arc"])
     out = capsys.readouterr().out
     assert "2 training and 2 evaluation tasks, 7 augmentations" in out and "pass@2" in out
-    ckpt = train.checkpoints_in("arc")[-1]
+    ckpt = evaluate.checkpoints_in("arc")[-1]
     state = torch.load(ckpt, weights_only=False)
     assert state["model_config"]["num_puzzle_ids"] == state["model"]["puzzle_emb"].shape[0] == 1 + 4 * 8
     # The table is shared with the EMA model, not averaged: both hold the live rows.
@@ -985,9 +991,38 @@ def test_flops_formula_equals_what_torch_counts_in_a_training_step(mlp_t):
     carry = train.initial_carry(model, batch)
     # the math backend runs attention as counted matmuls (the CPU's fused kernel is not counted)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        loss, *_ = train.supervision_step(model, carry, batch, 0, NO_AUTOCAST)
-        loss.backward()
-    assert counter.get_total_flops() == 3 * train.flops_per_sample(model.cfg)
+        one_step(model, carry, batch, 0).loss.backward()
+    assert counter.get_total_flops() == 3 * evaluate.flops_per_sample(model.cfg)
+
+
+def train_a_few_steps(model, step_fn, steps=4, B=8):
+    """Loss per step and the weights after `steps` optimizer steps of the trainer (AdamW, sign-SGD, EMA)."""
+    tcfg = data.TrainConfig(lr=1e-3, warmup_steps=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr)
+    ema = [p.detach().clone() for p in model.parameters()]
+    batch = tiny_batch(model, B=B)
+    carry, losses = train.initial_carry(model, batch), []
+    for step in range(steps):
+        carry = train.refill(model, carry, batch)
+        result = train.accumulated_step(step_fn, model, carry, torch.zeros(B, dtype=torch.long), B, B, NO_AUTOCAST)
+        train.update(optimizer, model, ema, result, step, tcfg)
+        losses.append(result.loss.item())
+        carry = result.carry
+    return torch.tensor(losses), [p.detach().clone() for p in model.parameters()] + [model.puzzle_emb.clone()]
+
+
+@pytest.mark.parametrize("mlp_t", [True, False])
+def test_compiled_supervision_step_trains_like_the_eager_one(mlp_t):
+    # torch.compile (inductor, C++ on a CPU) fuses and reorders float32 arithmetic, so equality is within
+    # rounding: the loss to 1e-5 relative, the weights after 4 AdamW steps of lr 1e-3 to 1e-5 absolute.
+    torch._dynamo.reset()
+    kw = dict(seq_len=16, puzzle_emb_len=2, n=2, T=2, N_sup=3, mlp_t=mlp_t, rope=not mlp_t)
+    eager_loss, eager_w = train_a_few_steps(tiny_model(**kw).train(), train.supervision_step)
+    compiled_loss, compiled_w = train_a_few_steps(tiny_model(**kw).train(), torch.compile(train.supervision_step))
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=0)
+    assert not torch.equal(eager_w[0], tiny_model(**kw).embed_tokens.weight), "the weights did not change"
+    for a, b in zip(compiled_w, eager_w):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 def test_bench_prints_one_line_per_variant(workdir, capsys):
@@ -1005,6 +1040,6 @@ def test_a_tiny_model_learns_tiny_mazes(workdir):
             "--batch-size", "64", "--train-puzzles", "2000", "--num-aug", "7", "--test-puzzles", "200",
             "--eval-limit", "200", "--lr", "3e-3", "--warmup-steps", "10", "--ema", "0.9", "--max-steps", "250",
             "--eval-interval", "0", "--log-interval", "60", "--out", "learn_maze"]
-    _, _, results = train.train(*train.resolve_config(train.parse_args(args)))
+    _, _, results = train.train(*data.resolve_config(data.parse_args(args)))
     assert results[-1]["exact"] >= 0.5, f"held-out exact accuracy {results[-1]['exact']:.0%} after 250 steps"
     assert results[-1]["valid"] >= results[-1]["exact"]     # an exact answer is a shortest path
