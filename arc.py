@@ -544,12 +544,13 @@ def build_datasets(tcfg, splits=("train", "test")):
     return train_ds if "train" in splits else None, test_ds if "test" in splits else None
 
 
-def score(tcfg, preds, halt_probs, out=None):
-    """ARC's scores of predictions for the first len(preds) test rows (whole tasks): vote across each test input's
-    augmented versions, then pass@k for k in PASS_K (None without known test outputs). With out, also write
-    submission.json and a picture of the first task's attempts there. Returns (scores dict, summary line)."""
+def score(tcfg, preds, halt_probs, out=None, rows=None):
+    """ARC's scores of predictions for the first len(preds) test rows (whole tasks), or for the test rows given
+    (a row repeated once per trajectory of it): vote across each test input's augmented versions, then pass@k
+    for k in PASS_K (None without known test outputs). With out, also write submission.json and a picture of
+    the first task's attempts there. Returns (scores dict, summary line)."""
     _, _, meta, tasks = prepared(tcfg)
-    rows = np.arange(len(preds))
+    rows = np.arange(len(preds)) if rows is None else rows
     ranked = vote(unaugment(meta, rows, preds, halt_probs))
     tasks = {str(t): tasks[str(t)] for t in meta["task_ids"][np.unique(meta["task"][rows])]}
     truths = true_outputs(tasks)

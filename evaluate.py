@@ -155,6 +155,140 @@ def evaluate_halting(model, ds, N, batch_size, device, autocast, limit=None, ran
     return dict(exact=exact / count, token=right / max(tokens, 1), mean_steps=used / count, count=int(count))
 
 
+# ------------------------------------------------------------------------------ depth x breadth
+# Test-time compute beyond more supervision steps: K trajectories of every puzzle run side by side in the
+# batch, each from its own start and with Gaussian noise on its carried state after every supervision step
+# (PTRM, arXiv 2605.19943; Equilibrium Reasoners, arXiv 2605.21488); one answer per puzzle is then chosen.
+# model.py's recursion runs unchanged: only the (y, z) carried between supervision steps differ.
+
+SELECTIONS = ("q", "vote", "converged")
+
+
+def start_states(model, n, init, generator):
+    """y, z [n, S, D] for n trajectories: the model's y_init, z_init ("fixed"), or ("random") one truncated-normal
+    vector of std 1 per trajectory for each, shared by its positions as y_init is."""
+    y, z = model.initial_state(n)
+    if init == "fixed":
+        return y, z
+    D, device = y.shape[-1], y.device
+    draw = [torch.nn.init.trunc_normal_(torch.empty(n, 1, D, device=device), std=1.0, generator=generator)
+            for _ in range(2)]
+    return draw[0].expand_as(y), draw[1].expand_as(z)
+
+
+def select(correct, q, preds, residual, K, valid=None):
+    """Right answers (sums over the batch) under each way of choosing one of the first K trajectories of every
+    puzzle, and pass@K. correct [B, K'] (whole answer exact), q [B, K'] final halt logits, preds [B, K', L],
+    residual [B, K'] (how much y still moved), valid [B, K'] (the task's checker accepts), for K' >= K."""
+    c, q, p, r = correct[:, :K], q[:, :K], preds[:, :K], residual[:, :K]
+    rows = torch.arange(len(c), device=c.device)
+    same = (p[:, :, None] == p[:, None]).all(-1)                    # [B, K, K] trajectories with equal answers
+    votes = same.sum(-1)                                            # [B, K] votes for each trajectory's answer
+    mean_q = (same * q[:, None, :]).sum(-1) / votes                 # the mean halt logit of those voters
+    # the vote: most votes, ties to the higher mean halt probability (a term below 1 cannot outweigh a vote)
+    picks = dict(q=q.argmax(1), vote=(votes + 0.999 * torch.sigmoid(mean_q)).argmax(1), converged=r.argmin(1))
+    out = {name: c[rows, i].sum() for name, i in picks.items()}
+    if valid is not None:                 # the first trajectory the rules accept, else the Q head's choice
+        v = valid[:, :K]
+        out["valid"] = c[rows, torch.where(v.any(1), v.int().argmax(1), picks["q"])].sum()
+    out["pass@K"] = c.any(1).sum()
+    return out
+
+
+@torch.no_grad()
+def evaluate_breadth(model, ds, steps, breadths, batch_size, device, autocast, init="fixed", noise=0.0,
+                     noise_y=False, seed=0, limit=None, check=None, threshold=None, keep=False, ranks=None):
+    """K = max(breadths) trajectories of every test puzzle for N = max(steps) supervision steps, scored after each
+    k in steps from the first K' trajectories, for each K' in breadths (trajectory j of a run with K' = 64 is
+    trajectory j of one with K' = 4, so one run gives the whole table). noise: the std of the Gaussian noise
+    added to the carried z (and y with noise_y) after every step. threshold: a trajectory stops after the first
+    step whose halt probability exceeds it (its state and answer frozen, its later steps not counted).
+    Returns ({(k, K'): accuracy under each selection, pass@K, net calls per puzzle}, the kept predictions and
+    halt probabilities {k: ([rows, K, L], [rows, K])} when keep, seconds taken)."""
+    model.eval()
+    ranks, t0 = ranks or Ranks(), time.time()
+    mine = ranks.rows(eval_rows(ds, limit))
+    N, K, per_batch = max(steps), max(breadths), max(1, batch_size // max(breadths))
+    generator = torch.Generator(device=device).manual_seed(seed)
+    names = SELECTIONS + (("valid",) if check else ()) + ("pass@K", "steps")
+    sums = torch.zeros(len(steps), len(breadths), len(names), dtype=torch.float64, device=device)
+    kept = {k: ([], []) for k in steps} if keep else {}
+    progress = Progress(mine.stop - mine.start)
+    for start in range(mine.start, mine.stop, per_batch):
+        batch = to_device(ds, np.arange(start, min(start + per_batch, mine.stop)), device)
+        labels, B = batch["labels"], len(batch["labels"])
+        inputs = batch["inputs"].repeat_interleave(K, 0)                 # [B*K, L], a puzzle's K side by side
+        puzzle_rows = model.puzzle_emb[batch["puzzle_ids"]].repeat_interleave(K, 0)
+        y, z = start_states(model, B * K, init, generator)
+        y_out, live = y, torch.ones(B * K, dtype=torch.bool, device=device)
+        used, change = torch.zeros(B * K, device=device), torch.zeros(B * K, device=device)
+        preds = q = residual = None
+        for k in range(1, N + 1):
+            with autocast:
+                (y_next, z_next), logits, q_next = model(inputs, puzzle_rows, y, z)
+            last_change, change = change, (y_next.float() - y_out.float()).pow(2).mean((1, 2)).sqrt()
+            if k == 1:
+                preds, q, residual = logits.argmax(-1), q_next, change
+            keep_new = live[:, None, None]                               # frozen trajectories keep their state
+            y_out = torch.where(keep_new, y_next, y_out.to(y_next.dtype))
+            z = torch.where(keep_new, z_next, z.to(z_next.dtype))
+            preds = torch.where(live[:, None], logits.argmax(-1), preds)
+            q = torch.where(live, q_next, q)
+            residual = torch.where(live, (change + last_change) / 2 if k > 1 else change, residual)
+            used += live
+            if threshold is not None:
+                live = live & ~(q_next > math.log(threshold / (1 - threshold)))
+            y = y_out
+            if noise:
+                z = (z + noise * torch.randn(z.shape, device=device, generator=generator)).to(z.dtype)
+                if noise_y:
+                    y = (y + noise * torch.randn(y.shape, device=device, generator=generator)).to(y.dtype)
+            if k in steps:
+                i, P, Q = steps.index(k), preds.view(B, K, -1), q.view(B, K).float()
+                correct = ((P == labels[:, None]) | (labels[:, None] == 0)).all(-1)              # [B, K]
+                valid = check and torch.from_numpy(check(inputs.cpu().numpy(), preds.cpu().numpy())).view(B, K)
+                for j, Kb in enumerate(breadths):
+                    s = select(correct, Q, P, residual.view(B, K), Kb, valid.to(device) if check else None)
+                    s["steps"] = used.view(B, K)[:, :Kb].sum()
+                    sums[i, j] += torch.stack([s[name].double() for name in names])
+                if keep:
+                    kept[k][0].append(P.to(torch.uint8).cpu().numpy())
+                    kept[k][1].append(torch.sigmoid(Q).cpu().numpy())
+        progress(start + B - mine.start)
+    count = ranks.sum(torch.tensor(float(mine.stop - mine.start), dtype=torch.float64, device=device)).item()
+    sums = ranks.sum(sums).cpu() / count
+    calls = model.cfg.T * (model.cfg.n + 1)          # net calls per supervision step
+    results = {(k, Kb): {**{name: sums[i, j, n].item() for n, name in enumerate(names[:-1])},
+                         "calls": calls * sums[i, j, -1].item(), "count": int(count)}
+               for i, k in enumerate(steps) for j, Kb in enumerate(breadths)}
+    kept = {k: [np.concatenate([a for part in ranks.gather_objects(arrays) for a in part]) for arrays in pair]
+            for k, pair in kept.items()}
+    return results, kept, time.time() - t0
+
+
+def plot_depth_breadth(results, steps, breadths, selection, path, title):
+    """Exact accuracy against net calls per puzzle, one line per breadth, a point per number of steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for Kb in breadths:
+        points = [(results[k, Kb]["calls"], 100 * results[k, Kb][selection]) for k in steps]
+        ax.plot(*zip(*points), marker="o", label=f"breadth {Kb}")
+        for (x, acc), k in zip(points, steps):
+            ax.annotate(str(k), (x, acc), textcoords="offset points", xytext=(3, -10), fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("net calls per puzzle (points labelled by supervision steps)")
+    ax.set_ylabel(f"exact accuracy (%), selection {selection}")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(results, path, title):
     import matplotlib
     matplotlib.use("Agg")
@@ -329,13 +463,26 @@ def load_for_eval(path, task=None):
     return model.eval(), tcfg, mcfg
 
 
+def positive_ints(text):
+    """--steps and --breadth: one whole number or a comma-separated list of them, sorted."""
+    try:
+        values = sorted({int(v) for v in text.split(",")})
+    except ValueError:
+        values = []
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number or a list such as 8,16,32")
+    return values
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a TRM checkpoint after every supervision step.")
     p.add_argument("--checkpoint", required=True, help="our ckpt_*.pt, or a reference state_dict")
     p.add_argument("--task", default=None, help="for a reference checkpoint: sudoku, maze or arc")
-    p.add_argument("--steps", type=int, default=None, help="supervision steps at test time (default: the training N_sup)")
+    p.add_argument("--steps", type=positive_ints, default=None,
+                   help="supervision steps at test time (default: the training N_sup); with --breadth a list")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first K test puzzles (arc: tasks)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="test rows per batch (default 256); with --breadth, trajectories per batch (default 128: on a 2-core CPU a batch that fits the caches runs 2x faster)")
     p.add_argument("--data", default=None, help="override the test data source (generate, hub, or a path)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--out", default=None, help="folder for the table, plot and pictures (default: the checkpoint's)")
@@ -344,6 +491,17 @@ def main(argv=None):
                    "probability exceeds --halt-threshold; reports accuracy and the mean steps used")
     p.add_argument("--halt-threshold", type=float, default=0.95,
                    help="halt probability that stops a puzzle (0.5: training's rule, halt logit > 0)")
+    g = p.add_argument_group("depth x breadth", "K trajectories per puzzle, one answer chosen; a sweep over "
+                             "lists of steps and breadths prints a table and draws {task}_depth_breadth.png")
+    g.add_argument("--breadth", type=positive_ints, default=None, help="trajectories per puzzle, e.g. 1,4,16,64")
+    g.add_argument("--init", default="fixed", choices=("fixed", "random"),
+                   help="start states: the model's y_init, z_init, or truncated-normal std 1 per trajectory")
+    g.add_argument("--noise", type=float, default=0.0,
+                   help="std of the Gaussian noise added to the carried z after every supervision step")
+    g.add_argument("--noise-y", action="store_true", help="add the noise to the carried y as well")
+    g.add_argument("--select", default="q", choices=SELECTIONS + ("valid",),
+                   help="the selection drawn in the picture and named best (all are printed)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the start states and the noise")
     args = p.parse_args(argv)
     try:
         run(args)
@@ -361,11 +519,16 @@ def run(args):
     task = importlib.import_module(tcfg.task)
     device, _, _, autocast = setup_runtime(tcfg)
     model.to(device)
-    N = mcfg.N_sup if args.steps is None else args.steps
+    steps = [mcfg.N_sup] if args.steps is None else args.steps
+    N = steps[-1]
     if not 0 < args.halt_threshold < 1:
         raise SettingsError(f"--halt-threshold is {args.halt_threshold}; expected a probability between 0 and 1")
-    if N < 1 or args.limit < 0 or args.batch_size < 1:
-        raise SettingsError("--steps, --limit and --batch-size must be positive whole numbers")
+    if args.limit < 0 or (args.batch_size or 1) < 1:
+        raise SettingsError("--limit and --batch-size must be positive whole numbers")
+    if len(steps) > 1 and args.breadth is None:
+        raise SettingsError(f"--steps {args.steps} is a list; a list of steps needs --breadth (e.g. --breadth 1)")
+    if args.noise < 0 or not math.isfinite(args.noise) or args.seed < 0:
+        raise SettingsError(f"--noise {args.noise} and --seed {args.seed} must be finite and not negative")
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     os.makedirs(out, exist_ok=True)
 
@@ -375,17 +538,19 @@ def run(args):
         inputs, labels = task.parse_solve(args.solve, mcfg)
         ds = Dataset.ungrouped(inputs, labels, mcfg.vocab_size)
         res = evaluate(model, ds, N, 1, device, autocast, keep=range(1, N + 1))
-        steps = [r["preds"][0] for r in res]
-        print(task.describe_solution(inputs, steps[-1]))
-        path = task.draw_steps(inputs, labels, steps, os.path.join(out, f"{tcfg.task}_solve.png"))
+        answers = [r["preds"][0] for r in res]
+        print(task.describe_solution(inputs, answers[-1]))
+        path = task.draw_steps(inputs, labels, answers, os.path.join(out, f"{tcfg.task}_solve.png"))
         print(f"picture: {path}")
         return
 
     _, test_ds = task.build_datasets(tcfg, splits=("test",))
+    if args.breadth is not None:
+        return run_breadth(args, model, mcfg, tcfg, task, test_ds, steps, device, autocast, ranks, out)
     score = getattr(task, "score", None)
-    res = evaluate(model, test_ds, N, args.batch_size, device, autocast, limit=args.limit or None,
+    res = evaluate(model, test_ds, N, args.batch_size or 256, device, autocast, limit=args.limit or None,
                    check=getattr(task, "check", None), keep=(N,) if score else (), ranks=ranks)
-    halting = args.halt and evaluate_halting(model, test_ds, N, args.batch_size, device, autocast,
+    halting = args.halt and evaluate_halting(model, test_ds, N, args.batch_size or 256, device, autocast,
                                              limit=args.limit or None, ranks=ranks, threshold=args.halt_threshold)
     if not ranks.main:     # the others only took part in the evaluations
         return
@@ -403,6 +568,54 @@ def run(args):
         print(f"with halting at p > {args.halt_threshold}: exact {halting['exact']:.2%}, token {halting['token']:.2%}, "
               f"{halting['mean_steps']:.2f} steps on average (at most {N}); "
               f"fixed depth {N}: exact {res[-1]['exact']:.2%}, token {res[-1]['token']:.2%}")
+
+
+def run_breadth(args, model, mcfg, tcfg, task, test_ds, steps, device, autocast, ranks, out):
+    """The depth x breadth sweep: exact accuracy per (steps, breadth, selection), the best choice that uses no
+    rules, how often the Q head finds a right trajectory, and the picture."""
+    breadths, check, score = args.breadth, getattr(task, "check", None), getattr(task, "score", None)
+    if args.select == "valid" and check is None:
+        raise SettingsError(f"--select valid needs a checker of the rules, and {tcfg.task} has none")
+    threshold = args.halt_threshold if args.halt else None
+    results, kept, seconds = evaluate_breadth(
+        model, test_ds, steps, breadths, args.batch_size or 128, device, autocast, init=args.init,
+        noise=args.noise, noise_y=args.noise_y, seed=args.seed, limit=args.limit or None, check=check,
+        threshold=threshold, keep=score is not None, ranks=ranks)
+    if not ranks.main:
+        return
+    count, per_step = results[steps[0], breadths[0]]["count"], mcfg.T * (mcfg.n + 1)
+    print(f"{count} test rows x up to {breadths[-1]} trajectories: init {args.init}, noise {args.noise} on z"
+          + (" and y" if args.noise_y else "") + f", seed {args.seed}"
+          + (f", halting at p > {threshold}" if threshold else "") + f"; {count / seconds:.2f} puzzles/s")
+    names = SELECTIONS + (("valid",) if check else ())
+    print("steps breadth calls/puzzle" + "".join(f"{n + ('*' if n == 'valid' else ''):>10}" for n in names)
+          + "  pass@K (ceiling)" + ("  calls saved" if threshold else ""))
+    for (k, K), r in results.items():
+        saved = f"  {1 - r['calls'] / (k * K * per_step):11.1%}" if threshold else ""
+        print(f"{k:>5} {K:>7} {r['calls']:>12.0f}" + "".join(f"{100 * r[n]:9.2f}%" for n in names)
+              + f"{100 * r['pass@K']:16.2f}%" + saved)
+    if check:
+        print("valid*: the first trajectory the task's checker accepts, else q; it uses the rules")
+    (k, K), r, name = max(((key, r, n) for key, r in results.items() for n in SELECTIONS),
+                          key=lambda e: (e[1][e[2]], -e[1]["calls"]))
+    print(f"best without rules: {r[name]:.2%} exact with select {name} at {k} steps x {K} trajectories "
+          f"({r['calls']:.0f} net calls per puzzle)")
+    r = results[steps[-1], breadths[-1]]
+    if r["pass@K"] > 0:
+        print(f"the highest halt logit picks a right trajectory in {r['q'] / r['pass@K']:.1%} of the puzzles "
+              f"where one of the {breadths[-1]} is right ({steps[-1]} steps)")
+    if score:     # ARC: every trajectory of every augmented version votes
+        for (k, K) in results:
+            preds, halt = kept[k]
+            rows = np.repeat(np.arange(len(preds)), K)
+            last = (k, K) == (steps[-1], breadths[-1])
+            line = score(tcfg, preds[:, :K].reshape(len(rows), -1), halt[:, :K].reshape(-1), rows=rows,
+                         out=out if last else None)[1]
+            print(f"{k} steps x {K} trajectories, voting: {line}")
+    path = plot_depth_breadth(results, steps, breadths, args.select,
+                              os.path.join(out, f"{tcfg.task}_depth_breadth.png"),
+                              f"{tcfg.task}: depth x breadth (init {args.init}, noise {args.noise})")
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

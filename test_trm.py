@@ -980,6 +980,129 @@ def test_halting_inference_refills_halted_slots_so_batches_stay_full():
     assert len(calls) <= math.ceil(total / 4) + 4 < 4 * 10
 
 
+# ------------------------------------------------------------------------------------ depth x breadth
+
+CPU = torch.device("cpu")
+
+
+def test_one_fixed_trajectory_without_noise_gives_the_fixed_depth_numbers():
+    model = tiny_model(n=1, T=2, N_sup=4)
+    ds = random_dataset(model, 12)
+    ds.labels[::2] = evaluate.evaluate(model, ds, 3, 5, CPU, NO_AUTOCAST, keep=(3,))[-1]["preds"][::2]
+    fixed = evaluate.evaluate(model, ds, 4, 5, CPU, NO_AUTOCAST, keep=(1, 2, 3, 4))
+    res, kept, _ = evaluate.evaluate_breadth(model, ds, [1, 2, 3, 4], [1], 5, CPU, NO_AUTOCAST, keep=True)
+    assert fixed[2]["exact"] == 0.5, "half the rows are labelled with the model's own step-3 answers"
+    for k in (1, 2, 3, 4):
+        r = res[k, 1]
+        assert r["q"] == r["vote"] == r["converged"] == r["pass@K"] == fixed[k - 1]["exact"]
+        assert r["calls"] == k * 2 * (1 + 1) and r["count"] == 12
+        np.testing.assert_array_equal(kept[k][0][:, 0], fixed[k - 1]["preds"])
+        np.testing.assert_array_equal(kept[k][1][:, 0], fixed[k - 1]["halt"])
+
+
+def test_noise_and_random_starts_make_trajectories_differ_and_the_seed_repeats_them():
+    model = tiny_model(n=1, T=1, N_sup=3)
+    torch.nn.init.normal_(model.Q_head.weight)          # the paper's zero init would give every state one logit
+    ds = random_dataset(model, 4)
+
+    def halt_probs(seed, noise, init="fixed", noise_y=False):
+        _, kept, _ = evaluate.evaluate_breadth(model, ds, [3], [4], 16, CPU, NO_AUTOCAST, init=init, noise=noise,
+                                               noise_y=noise_y, seed=seed, keep=True)
+        return kept[3][1]                                       # [puzzles, K]
+
+    quiet = halt_probs(0, 0.0)
+    assert (quiet == quiet[:, :1]).all(), "without noise the K copies of a puzzle are the same computation"
+    for init, noise, noise_y in (("fixed", 0.5, False), ("fixed", 0.5, True), ("random", 0.0, False)):
+        a = halt_probs(0, noise, init, noise_y)
+        assert all(len(set(row)) == 4 for row in a), (init, noise)
+        np.testing.assert_array_equal(a, halt_probs(0, noise, init, noise_y))
+        assert not np.array_equal(a, halt_probs(1, noise, init, noise_y))
+
+
+def controlled(model, K, answers, halt, moves):
+    """model.forward replaced: trajectory j of every puzzle answers its input shifted by answers[j] tokens (0: the
+    input itself, which the dataset below labels right), with halt logit halt[j], and moves y by moves[j]."""
+    V = model.cfg.vocab_size
+    answers, halt, moves = torch.tensor(answers), torch.tensor(halt), torch.tensor(moves)
+
+    def forward(inputs, puzzle_rows, y, z):
+        j = torch.arange(len(inputs)) % K                                  # the trajectory of every row
+        preds = (inputs - 1 + answers[j][:, None]) % (V - 1) + 1
+        return (y + moves[j][:, None, None], z), F.one_hot(preds, V).float(), halt[j]
+    model.forward = forward
+
+
+def right_share(model, answers, halt, moves=(1.0, 1.0, 1.0, 1.0), check=None, threshold=None, steps=(2,)):
+    """Each selection's exact accuracy over 1 and all 4 trajectories of 6 puzzles whose answer is their input."""
+    controlled(model, 4, answers, halt, moves)
+    ds = random_dataset(model, 6)
+    ds.labels[:] = ds.inputs
+    res, _, _ = evaluate.evaluate_breadth(model, ds, list(steps), [1, 4], 8, CPU, NO_AUTOCAST, check=check,
+                                          threshold=threshold)
+    return res
+
+
+def test_each_selection_picks_the_trajectory_its_rule_names():
+    model = tiny_model(n=1, T=1, N_sup=2)
+    # trajectory 2 is right and has the highest halt logit; two others agree on a wrong answer; 2 moves least
+    r = right_share(model, [1, 1, 0, 2], [0.0, 1.0, 3.0, 2.0], moves=[1.0, 2.0, 0.5, 3.0])[2, 4]
+    assert (r["q"], r["vote"], r["converged"], r["pass@K"]) == (1.0, 0.0, 1.0, 1.0)
+    r = right_share(model, [1, 1, 0, 2], [0.0, 3.0, 1.0, 2.0], moves=[1.0, 2.0, 3.0, 0.5])[2, 4]
+    assert (r["q"], r["vote"], r["converged"], r["pass@K"]) == (0.0, 0.0, 0.0, 1.0)
+    r = right_share(model, [1, 1, 0, 2], [0.0, 3.0, 1.0, 2.0])[2, 1]
+    assert (r["q"], r["pass@K"]) == (0.0, 0.0), "breadth 1 sees trajectory 0 only"
+
+
+@pytest.mark.parametrize("halt,vote", [([0.5, 0.5, 1.0, -3.0], 0.0), ([0.5, 0.5, 3.0, -1.0], 1.0)])
+def test_a_tied_vote_goes_to_the_answer_with_the_higher_mean_halt_logit(halt, vote):
+    model = tiny_model(n=1, T=1, N_sup=2)
+    r = right_share(model, [1, 1, 0, 0], halt)[2, 4]       # 2 votes for a wrong answer, 2 for the right one
+    assert r["vote"] == vote and r["q"] == 1.0
+
+
+def test_valid_takes_the_first_trajectory_the_rules_accept_else_q():
+    model = tiny_model(n=1, T=1, N_sup=2)
+    accepts_right = lambda inputs, preds: (inputs == preds).all(-1)
+    r = right_share(model, [1, 0, 2, 3], [3.0, 0.0, 1.0, 2.0], check=accepts_right)[2, 4]
+    assert (r["valid"], r["q"]) == (1.0, 0.0)
+    r = right_share(model, [1, 0, 2, 3], [0.0, 3.0, 1.0, 2.0], check=lambda i, p: np.zeros(len(i), bool))[2, 4]
+    assert r["valid"] == r["q"] == 1.0
+
+
+def test_halting_trajectories_stop_and_their_calls_are_not_counted():
+    model = tiny_model(n=1, T=1, N_sup=3)
+    # p > 0.9 is a logit above 2.2: trajectory 2 (logit 3) stops after its first step, the others run all 3
+    res = right_share(model, [1, 1, 0, 2], [0.0, 1.0, 3.0, 2.0], threshold=0.9, steps=(1, 3))
+    per_step = 1 * (1 + 1)
+    assert res[3, 4]["calls"] == per_step * (3 + 3 + 1 + 3) and res[1, 4]["calls"] == per_step * 4
+    assert res[3, 4]["q"] == 1.0
+
+
+def test_pass_at_k_bounds_every_selection_and_breadth_does_not_lower_it():
+    model = tiny_model(n=1, T=1, N_sup=3)
+    ds = random_dataset(model, 24)
+    ds.labels[:] = evaluate.evaluate(model, ds, 2, 8, CPU, NO_AUTOCAST, keep=(2,))[-1]["preds"]
+    res, _, _ = evaluate.evaluate_breadth(model, ds, [1, 2, 3], [1, 2, 8], 16, CPU, NO_AUTOCAST, noise=0.3,
+                                          check=lambda i, p: p[:, 0] % 2 == 0)
+    for (k, K), r in res.items():
+        assert all(r[name] <= r["pass@K"] for name in ("q", "vote", "converged", "valid")), (k, K)
+    assert all(res[k, 1]["pass@K"] <= res[k, 2]["pass@K"] <= res[k, 8]["pass@K"] for k in (1, 2, 3))
+
+
+def test_evaluate_sweeps_depth_and_breadth_from_the_command_line(workdir, capsys):
+    run_train("--max-steps", "2", "--out", "sweep")
+    ckpt = evaluate.checkpoints_in("sweep")[-1]
+    evaluate.main(["--checkpoint", ckpt, "--steps", "2,1", "--breadth", "1,3", "--noise", "0.2", "--limit", "4"])
+    out = capsys.readouterr().out
+    table = [line.split()[:2] for line in out.splitlines() if line.strip()[:1].isdigit() and "%" in line]
+    assert table == [["1", "1"], ["1", "3"], ["2", "1"], ["2", "3"]] and "pass@K (ceiling)" in out
+    assert "valid*" in out and "best without rules" in out
+    assert os.path.getsize(os.path.join("sweep", "sudoku_depth_breadth.png")) > 1000
+    expect_error(capsys, evaluate.main, ["--checkpoint", ckpt, "--steps", "4,8"], "a list of steps needs --breadth")
+    expect_error(capsys, evaluate.main, ["--checkpoint", ckpt, "--breadth", "2", "--noise", "-1"],
+                 "must be finite and not negative")
+
+
 # ---------------------------------------------------------------------------------------------- bench
 
 @pytest.mark.parametrize("mlp_t", [True, False])
