@@ -463,14 +463,14 @@ def load_for_eval(path, task=None):
     return model.eval(), tcfg, mcfg
 
 
-def positive_ints(text):
+def positive_ints(text, flag):
     """--steps and --breadth: one whole number or a comma-separated list of them, sorted."""
     try:
         values = sorted({int(v) for v in text.split(",")})
     except ValueError:
         values = []
     if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number or a list such as 8,16,32")
+        raise SettingsError(f"{flag} {text!r}: expected a positive whole number or a list such as 8,16,32")
     return values
 
 
@@ -478,7 +478,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a TRM checkpoint after every supervision step.")
     p.add_argument("--checkpoint", required=True, help="our ckpt_*.pt, or a reference state_dict")
     p.add_argument("--task", default=None, help="for a reference checkpoint: sudoku, maze or arc")
-    p.add_argument("--steps", type=positive_ints, default=None,
+    p.add_argument("--steps", default=None,
                    help="supervision steps at test time (default: the training N_sup); with --breadth a list")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first K test puzzles (arc: tasks)")
     p.add_argument("--batch-size", type=int, default=None,
@@ -493,7 +493,7 @@ def main(argv=None):
                    help="halt probability that stops a puzzle (0.5: training's rule, halt logit > 0)")
     g = p.add_argument_group("depth x breadth", "K trajectories per puzzle, one answer chosen; a sweep over "
                              "lists of steps and breadths prints a table and draws {task}_depth_breadth.png")
-    g.add_argument("--breadth", type=positive_ints, default=None, help="trajectories per puzzle, e.g. 1,4,16,64")
+    g.add_argument("--breadth", default=None, help="trajectories per puzzle, e.g. 1,4,16,64")
     g.add_argument("--init", default="fixed", choices=("fixed", "random"),
                    help="start states: the model's y_init, z_init, or truncated-normal std 1 per trajectory")
     g.add_argument("--noise", type=float, default=0.0,
@@ -519,14 +519,15 @@ def run(args):
     task = importlib.import_module(tcfg.task)
     device, _, _, autocast = setup_runtime(tcfg)
     model.to(device)
-    steps = [mcfg.N_sup] if args.steps is None else args.steps
+    steps = [mcfg.N_sup] if args.steps is None else positive_ints(args.steps, "--steps")
+    args.breadth = args.breadth and positive_ints(args.breadth, "--breadth")
     N = steps[-1]
     if not 0 < args.halt_threshold < 1:
         raise SettingsError(f"--halt-threshold is {args.halt_threshold}; expected a probability between 0 and 1")
     if args.limit < 0 or (args.batch_size or 1) < 1:
         raise SettingsError("--limit and --batch-size must be positive whole numbers")
     if len(steps) > 1 and args.breadth is None:
-        raise SettingsError(f"--steps {args.steps} is a list; a list of steps needs --breadth (e.g. --breadth 1)")
+        raise SettingsError(f"--steps {args.steps} is a list, and a list of steps needs --breadth (e.g. --breadth 1)")
     if args.noise < 0 or not math.isfinite(args.noise) or args.seed < 0:
         raise SettingsError(f"--noise {args.noise} and --seed {args.seed} must be finite and not negative")
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))

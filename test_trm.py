@@ -548,7 +548,8 @@ BAD_EVALUATIONS = [
     (["--checkpoint", "truncated.pt"], "checkpoint truncated.pt could not be read"),
     (["--checkpoint", "GOOD", "--solve", "123"], "--solve puzzle"),
     (["--checkpoint", "GOOD", "--solve", "x" * 81], "--solve puzzle"),
-    (["--checkpoint", "GOOD", "--steps", "0"], "--steps, --limit and --batch-size must be positive"),
+    (["--checkpoint", "GOOD", "--steps", "0"], "--steps '0': expected a positive whole number"),
+    (["--checkpoint", "GOOD", "--breadth", "4,x"], "--breadth '4,x': expected a positive whole number"),
     (["--checkpoint", "GOOD", "--halt", "--halt-threshold", "1.5"], "--halt-threshold is 1.5; expected a probability"),
 ]
 
@@ -903,6 +904,10 @@ def test_arc_runs_end_to_end_with_voting_and_a_submission(workdir, capsys):
     sub = json.load(open("arc_eval/submission.json"))
     assert sorted(sub) == ["eval_recolour", "eval_transpose"]
     assert all(set(s) == {"attempt_1", "attempt_2"} for entries in sub.values() for s in entries)
+    evaluate.main(["--checkpoint", ckpt, "--out", "arc_breadth", "--steps", "1,2", "--breadth", "1,3", "--noise", "0.5"])
+    out = capsys.readouterr().out
+    assert out.count("trajectories, voting: pass@1") == 4 and "2 steps x 3 trajectories, voting" in out
+    assert os.path.exists("arc_breadth/submission.json") and os.path.exists("arc_breadth/arc_depth_breadth.png")
     assert os.path.getsize("arc_eval/arc_attempts.png") > 0
 
 
