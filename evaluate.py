@@ -266,6 +266,18 @@ def evaluate_breadth(model, ds, steps, breadths, batch_size, device, autocast, i
     return results, kept, time.time() - t0
 
 
+def save_figure(fig, ax, title, path):
+    """The finish every plot here shares: title, grid, legend, written to path and closed. Returns path."""
+    import matplotlib.pyplot as plt
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_depth_breadth(results, steps, breadths, selection, path, title):
     """Exact accuracy against net calls per puzzle, one line per breadth, a point per number of steps."""
     import matplotlib
@@ -280,13 +292,7 @@ def plot_depth_breadth(results, steps, breadths, selection, path, title):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("net calls per puzzle (points labelled by supervision steps)")
     ax.set_ylabel(f"exact accuracy (%), selection {selection}")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, title, path)
 
 
 def plot(results, path, title):
@@ -300,13 +306,7 @@ def plot(results, path, title):
             ax.plot(steps, [100 * r[key] for r in results], marker=".", label=key)
     ax.set_xlabel("supervision step")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, title, path)
 
 
 # ------------------------------------------------------------------------ devices and checkpoints
