@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+import zipfile
 
 import numpy as np
 
@@ -374,12 +375,15 @@ def build_cached(folder, tasks_train, tasks_eval, num_aug, seed=0, size=SIZE):
     key = _fingerprint(tasks_train, tasks_eval, num_aug, seed, size)
     meta_path = os.path.join(folder, "test_meta.npz")
     if os.path.exists(meta_path):
-        with np.load(meta_path) as saved:
-            meta = dict(saved)
-        if str(meta.pop("key")) == key:
-            train, test = Dataset.load(os.path.join(folder, "train")), Dataset.load(os.path.join(folder, "test"))
-            return train, test, meta, train.num_puzzle_ids
-        print(f"rebuilding {folder}: it was built from other tasks or settings")
+        try:
+            with np.load(meta_path) as saved:
+                meta = dict(saved)
+            if str(meta.pop("key")) == key:
+                train, test = Dataset.load(os.path.join(folder, "train")), Dataset.load(os.path.join(folder, "test"))
+                return train, test, meta, train.num_puzzle_ids
+            print(f"rebuilding {folder}: it was built from other tasks or settings")
+        except (DataError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            print(f"rebuilding the data cache {folder}: {e if isinstance(e, DataError) else type(e).__name__}")
         os.remove(meta_path)
     train, test, meta, num_ids = build(tasks_train, tasks_eval, num_aug, seed, size)
     train.save(os.path.join(folder, "train"))

@@ -13,6 +13,7 @@ import functools
 import http.client
 import importlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -31,6 +32,14 @@ DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
 
 class DataError(ValueError):
     """Bad input data: the message is one sentence naming the file, row or value and what was expected."""
+
+
+def shown(value, limit=40):
+    """A value from a file or the command line as it goes into a message: quoted, at most limit characters, with
+    anything unprintable escaped, so that a binary file or a 10 MB header cannot flood the terminal."""
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    printable = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text[:limit])
+    return f"'{printable[:limit]}" + ("...'" if len(printable) > limit or len(text) > limit else "'")
 
 
 class SettingsError(ValueError):
@@ -124,24 +133,61 @@ class Dataset:
 
     @classmethod
     def load(cls, path):
+        """The dataset saved in path, checked against its meta.json: a missing, truncated or edited array, or a
+        token outside the vocabulary, raises DataError (the caller rebuilds a cache that fails here)."""
         meta_path = os.path.join(path, "meta.json")
         if not os.path.exists(meta_path):
             raise DataError(f"{path} holds no finished dataset (meta.json is missing)")
-        with open(meta_path) as f:
-            meta = json.load(f)
-        # Tokens stay on disk and are read per batch: ARC-AGI-1 with 1000 augmentations holds gigabytes of them.
-        arrays = {name: np.load(os.path.join(path, name + ".npy"), mmap_mode="r" if name in ("inputs", "labels") else None)
-                  for name in ("inputs", "labels", "puzzle_ids", "group_starts")}
-        return cls(vocab_size=meta["vocab_size"], num_puzzle_ids=meta["num_puzzle_ids"], **arrays)
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+            # Tokens stay on disk and are read per batch: ARC-AGI-1 with 1000 augmentations holds gigabytes.
+            arrays = {name: np.load(os.path.join(path, name + ".npy"),
+                                    mmap_mode="r" if name in ("inputs", "labels") else None)
+                      for name in ("inputs", "labels", "puzzle_ids", "group_starts")}
+            ds = cls(vocab_size=meta["vocab_size"], num_puzzle_ids=meta["num_puzzle_ids"], **arrays)
+            expected = (meta["rows"], meta["seq_len"], meta["groups"])
+        except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
+            why = str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
+            raise DataError(f"{path} could not be read ({shown(why, 200)})") from None
+        if (len(ds.inputs), ds.seq_len, ds.num_groups) != expected:
+            raise DataError(f"{path} holds {len(ds.inputs)} rows of {ds.seq_len} tokens in {ds.num_groups} groups; "
+                            f"its meta.json says {expected[0]}, {expected[1]} and {expected[2]}")
+        for name, top in (("inputs", ds.vocab_size), ("labels", ds.vocab_size), ("puzzle_ids", ds.num_puzzle_ids)):
+            if len(ds.inputs) and not 0 <= getattr(ds, name).min() <= getattr(ds, name).max() < top:
+                raise DataError(f"{path} has {name} outside 0..{top - 1}")
+        return ds
 
 
 def cached(folder, build):
-    """The dataset saved in folder, built by build() and saved there first if it is not."""
-    if not os.path.exists(os.path.join(folder, "meta.json")):
-        ds = build()
-        ds.save(folder)
-        print(f"built {folder}: {len(ds.inputs)} rows in {ds.num_groups} groups")
+    """The dataset saved in folder, built by build() and saved there first if it is not there or is damaged."""
+    if os.path.exists(os.path.join(folder, "meta.json")):
+        try:
+            return Dataset.load(folder)
+        except DataError as e:
+            print(f"rebuilding the data cache {folder}: {e}")
+            shutil.rmtree(folder)
+    ds = build()
+    ds.save(folder)
+    print(f"built {folder}: {len(ds.inputs)} rows in {ds.num_groups} groups")
     return Dataset.load(folder)
+
+
+def source_key(data, split, cache_dir):
+    """The part of a cache name that says which CSV a split was read from: for a file, its name, size and
+    modification time (ns). Any edit or replacement changes the time; hashing the content instead would read the
+    650 MB of Sudoku-Extreme's train.csv at every start. --data hub and auto name the downloaded file (or
+    'none', when auto falls back to generated puzzles); generate names nothing."""
+    if data in ("hub", "auto"):
+        file = os.path.join(os.path.expanduser(cache_dir), f"{split}.csv")
+    elif os.path.exists(data):
+        file = os.path.join(data, f"{split}.csv") if os.path.isdir(data) else data
+    else:
+        return data
+    if not os.path.isfile(file):
+        return f"{data}-none"
+    st = os.stat(file)
+    return f"{os.path.basename(file)}-{st.st_size}-{st.st_mtime_ns}"
 
 
 def cached_splits(task, splits, key, build):
@@ -390,30 +436,59 @@ def resolve_config(given):
     return tcfg, mcfg
 
 
+def config_from(cls, values, source):
+    """cls(**values) for settings read from a file (a checkpoint), with a field this version does not know or a
+    value of the wrong type as one sentence naming source."""
+    fields = {f.name: type(f.default) for f in dataclasses.fields(cls)}
+    if not isinstance(values, dict):
+        raise DataError(f"{source} holds no {cls.__name__} settings (a dict expected)")
+    for name, value in values.items():
+        want = fields.get(name)
+        if want is None:
+            raise DataError(f"{source} has the setting {shown(name)}, which {cls.__name__} does not have")
+        ok = type(value) is want or (want is float and type(value) is int)
+        if not ok:
+            raise DataError(f"{source} has {name} = {shown(value)} ({type(value).__name__}); expected "
+                            f"{want.__name__}")
+    return cls(**values)
+
+
 def check_config(tcfg, mcfg):
-    """Settings that cannot work fail here, before any data is built."""
-    for name, value in (("n", mcfg.n), ("T", mcfg.T), ("n-sup", mcfg.N_sup), ("batch-size", tcfg.batch_size),
-                        ("d-model", mcfg.d_model), ("n-layers", mcfg.n_layers), ("n-heads", mcfg.n_heads)):
-        if value < 1:
-            raise SettingsError(f"--{name} is {value}; expected a whole number of at least 1")
-    for name, value in (("max-steps", tcfg.max_steps), ("epochs", tcfg.epochs),
-                        ("skip-nonfinite", tcfg.skip_nonfinite), ("num-aug", tcfg.num_aug)):
-        if value < 0:
-            raise SettingsError(f"--{name} is {value}; expected a whole number of at least 0")
-    if not tcfg.lr > 0:
-        raise SettingsError(f"--lr is {tcfg.lr}; expected a positive learning rate")
+    """Settings that cannot work fail here, before any data is built or any file is touched."""
+    finite = math.isfinite
+    rules = [  # (names, test, what is expected)
+        (("n", "T", "N_sup", "batch_size", "d_model", "n_layers", "n_heads", "vocab_size", "seq_len",
+          "num_puzzle_ids", "bench_steps"), lambda v: v >= 1, "a whole number of at least 1"),
+        (("max_steps", "epochs", "skip_nonfinite", "num_aug", "micro_batch", "threads", "seed", "data_seed",
+          "train_puzzles", "test_puzzles", "warmup_steps", "eval_interval", "eval_limit", "checkpoint_interval",
+          "puzzle_emb_len"), lambda v: v >= 0, "a whole number of at least 0"),
+        (("lr", "puzzle_emb_lr"), lambda v: finite(v) and v > 0, "a positive learning rate"),
+        (("expansion", "rope_theta", "rms_eps"), lambda v: finite(v) and v > 0, "a positive number"),
+        (("weight_decay", "puzzle_emb_weight_decay", "log_interval"), lambda v: finite(v) and v >= 0,
+         "a number of at least 0"),
+        (("ema", "beta1", "beta2"), lambda v: 0 <= v < 1, "a rate in [0, 1)"),
+        (("halt_exploration_prob",), lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    ]
+    for names, test, expected in rules:
+        for name in names:
+            value = getattr(tcfg, name, getattr(mcfg, name, None))
+            if not test(value):
+                flag = "--n-sup" if name == "N_sup" else "--" + name.replace("_", "-")
+                raise SettingsError(f"{flag} is {value}; expected {expected}")
     if tcfg.train_puzzles and tcfg.batch_size > tcfg.train_puzzles * (tcfg.num_aug + 1):
         raise SettingsError(f"--batch-size {tcfg.batch_size} is larger than the "
                             f"{tcfg.train_puzzles * (tcfg.num_aug + 1)} training rows "
                             f"({tcfg.train_puzzles} puzzles x {tcfg.num_aug + 1} versions)")
     if mcfg.d_model % mcfg.n_heads:
         raise SettingsError(f"--d-model {mcfg.d_model} is not divisible by --n-heads {mcfg.n_heads}")
-    if not 0 <= tcfg.ema < 1:
-        raise SettingsError(f"--ema is {tcfg.ema}; expected a rate in [0, 1)")
-    if tcfg.dtype not in ("auto", "float32", "bfloat16"):
-        raise SettingsError(f"--dtype is {tcfg.dtype!r}; expected auto, float32 or bfloat16")
-    if tcfg.compile not in ("auto", "on", "off"):
-        raise SettingsError(f"--compile is {tcfg.compile!r}; expected auto, on or off")
+    if mcfg.rope and not mcfg.mlp_t and mcfg.d_model // mcfg.n_heads % 2:
+        raise SettingsError(f"--d-model {mcfg.d_model} over --n-heads {mcfg.n_heads} gives heads of "
+                            f"{mcfg.d_model // mcfg.n_heads} channels; RoPE rotates channel pairs, so expected an "
+                            f"even head size")
+    for name, value, allowed in (("dtype", tcfg.dtype, ("auto", "float32", "bfloat16")),
+                                 ("compile", tcfg.compile, ("auto", "on", "off"))):
+        if value not in allowed:
+            raise SettingsError(f"--{name} is {value!r}; expected {', '.join(allowed[:-1])} or {allowed[-1]}")
 
 
 def fit_to_data(mcfg, ds, fresh):

@@ -16,7 +16,8 @@ import time
 import numpy as np
 import torch
 
-from data import Dataset, DataError, Ranks, SettingsError, TrainConfig, eval_rows, resolve_config, to_device
+from data import (Dataset, DataError, Ranks, SettingsError, TrainConfig, check_config, config_from, eval_rows,
+                  resolve_config, shown, to_device)
 from model import TRM, SwiGLU, TRMConfig, from_reference_state_dict
 
 
@@ -39,13 +40,15 @@ class Logger:
     """Prints a line and appends its record, if any, to metrics.jsonl; ranks other than 0 say nothing."""
 
     def __init__(self, out, quiet=False):
-        self.file = open(os.path.join(out, "metrics.jsonl"), "a") if out else None
-        self.quiet = quiet
+        # opened at the first record, so that a run that fails before its first step leaves no empty file
+        self.path = os.path.join(out, "metrics.jsonl") if out else None
+        self.file, self.quiet = None, quiet
 
     def __call__(self, line, **record):
         if not self.quiet:
             print(line, flush=True)
-        if self.file and record:
+        if self.path and record:
+            self.file = self.file or open(self.path, "a")
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 
@@ -59,14 +62,15 @@ def format_time(seconds):
 def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None, keep=(), ranks=None):
     """Run the test rows of the first `limit` puzzles (all when None) for N supervision steps (no halting) and
     score the answer after each step. Returns one dict per step: exact (whole answer right), token (share of
-    labelled tokens right), count, valid (share the task's checker accepts, when it has one), and for the steps
+    labelled tokens right), count, scored (rows with a known answer: exact and token are NaN when none has one,
+    never 100%), valid (share the task's checker accepts, when it has one), and for the steps
     in keep the predictions (uint8 [rows, L]) and halt probabilities (sigmoid of the halt logit, [rows]).
     Under torchrun (ranks) every rank runs an equal share of the rows; rank 0 gets the whole results."""
     model.eval()
     mine = (ranks or Ranks()).rows(eval_rows(ds, limit))
     progress = Progress(mine.stop - mine.start)
     sums = torch.zeros(3, N, dtype=torch.float64, device=device)    # exact, token, valid after each step
-    tokens = count = 0
+    tokens = count = scored = 0
     kept = {k: ([], []) for k in keep}
     for start in range(mine.start, mine.stop, batch_size):
         batch = to_device(ds, np.arange(start, min(start + batch_size, mine.stop)), device)
@@ -79,7 +83,7 @@ def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None,
                 (y, z), logits, q_halt = model(inputs, puzzle_rows, y, z)
             preds = logits.argmax(-1)
             right = (preds == labels) & mask
-            sums[0, k - 1] += (right | ~mask).all(-1).sum()
+            sums[0, k - 1] += ((right | ~mask).all(-1) & mask.any(-1)).sum()
             sums[1, k - 1] += right.sum()
             if check is not None:
                 sums[2, k - 1] += float(check(inputs.cpu().numpy(), preds.cpu().numpy()).sum())
@@ -87,16 +91,18 @@ def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None,
                 kept[k][0].append(preds.to(torch.uint8).cpu().numpy())
                 kept[k][1].append(torch.sigmoid(q_halt).float().cpu().numpy())
         tokens += mask.sum().item()
+        scored += mask.any(-1).sum().item()
         count += inputs.shape[0]
         progress(count)
     ranks = ranks or Ranks()
     exact, token, valid = ranks.sum(sums).cpu().numpy()
-    tokens, count = ranks.sum(torch.tensor([tokens, count], dtype=torch.float64, device=device)).tolist()
+    tokens, count, scored = ranks.sum(torch.tensor([tokens, count, scored], dtype=torch.float64, device=device)).tolist()
     kept = {k: [np.concatenate([a for part in ranks.gather_objects(arrays) for a in part]) for arrays in pair]
             for k, pair in kept.items()}
     results = []
     for k in range(1, N + 1):
-        r = dict(step=k, exact=exact[k - 1] / count, token=token[k - 1] / max(tokens, 1), count=int(count))
+        r = dict(step=k, exact=exact[k - 1] / scored if scored else math.nan,
+                 token=token[k - 1] / tokens if tokens else math.nan, count=int(count), scored=int(scored))
         if check is not None:
             r["valid"] = valid[k - 1] / count
         if k in kept:
@@ -123,7 +129,7 @@ def evaluate_halting(model, ds, N, batch_size, device, autocast, limit=None, ran
     active = torch.zeros(B, dtype=torch.bool, device=device)
     y0, z0 = model.initial_state(B)
     y, z = y0, z0
-    sums = torch.zeros(4, dtype=torch.float64, device=device)     # exact, right tokens, labelled tokens, steps
+    sums = torch.zeros(5, dtype=torch.float64, device=device)     # exact, right tokens, labelled tokens, steps, scored
     free, next_row = torch.arange(B, device=device), lo
     progress = Progress(hi - lo)
     while True:
@@ -145,14 +151,16 @@ def evaluate_halting(model, ds, N, batch_size, device, autocast, limit=None, ran
         done = active & ((q_halt > math.log(threshold / (1 - threshold))) | (steps >= N))
         mask = labels != 0
         right = (logits.argmax(-1) == labels) & mask
-        sums += torch.stack([((right | ~mask).all(-1) & done).sum(), (right & done[:, None]).sum(),
-                             (mask & done[:, None]).sum(), (steps * done).sum()]).double()
+        labelled = mask.any(-1) & done
+        sums += torch.stack([((right | ~mask).all(-1) & labelled).sum(), (right & done[:, None]).sum(),
+                             (mask & done[:, None]).sum(), (steps * done).sum(), labelled.sum()]).double()
         active = active & ~done
         free = (~active).nonzero()[:, 0]       # one host sync per step: which slots take new puzzles
         progress(next_row - lo)
-    exact, right, tokens, used = ranks.sum(sums).tolist()
+    exact, right, tokens, used, scored = ranks.sum(sums).tolist()
     count = ranks.sum(torch.tensor(float(hi - lo), dtype=torch.float64, device=device)).item()
-    return dict(exact=exact / count, token=right / max(tokens, 1), mean_steps=used / count, count=int(count))
+    return dict(exact=exact / scored if scored else math.nan, token=right / tokens if tokens else math.nan,
+                mean_steps=used / count, count=int(count))
 
 
 # ------------------------------------------------------------------------------ depth x breadth
@@ -316,7 +324,17 @@ def setup_runtime(tcfg):
     CUDA, then Apple's MPS, then the CPU; under torchrun each process takes the GPU of its LOCAL_RANK."""
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     name = tcfg.device if tcfg.device != "auto" else "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise SettingsError(f"--device {shown(name)} is not a device; expected auto, cpu, cuda, cuda:N or mps")
+    usable = dict(cpu=1, cuda=torch.cuda.device_count() if torch.cuda.is_available() else 0, mps=int(mps))
+    if (device.index or 0) >= usable[device.type]:
+        raise SettingsError(f"--device {name}: this machine has {usable[device.type] or 'no'} {device.type} "
+                            f"device{'s' * (usable[device.type] != 1)} that torch {torch.__version__} can use; "
+                            f"expected auto or cpu")
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -348,21 +366,126 @@ def load_checkpoint(path, state=None):
     state = read_torch_file(path) if state is None else state
     if not isinstance(state, dict) or not {"model", "model_config", "train_config"} <= state.keys():
         raise DataError(f"{path} is not a checkpoint of this project (model, model_config and train_config expected)")
+    tcfg = config_from(TrainConfig, state["train_config"], f"checkpoint {path}")
+    mcfg = config_from(TRMConfig, state["model_config"], f"checkpoint {path}")
+    try:
+        check_config(tcfg, mcfg)
+    except SettingsError as e:
+        raise DataError(f"checkpoint {path} holds settings that cannot work: {e}") from None
     return state
 
 
+def load_weights(module, state_dict, path):
+    """module.load_state_dict, with weights whose names or shapes were edited as one sentence naming path."""
+    try:
+        module.load_state_dict(state_dict)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
+        raise DataError(f"checkpoint {path} does not fit its own model config: {shown(first, 200)}") from None
+
+
 def save_checkpoint(path, state):
-    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file or the new one."""
+    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file or the new one, and
+    a failed write (a full disk) removes its temporary file and says so in one sentence."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):   # torch's zip writer reports a failed write as RuntimeError
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else shown(str(e), 80)
+            raise DataError(f"checkpoint {path} could not be written ({reason}); the partial file was removed and "
+                            f"the checkpoints before it are intact") from None
+        raise
 
 
 def checkpoints_in(folder):
     return sorted(glob.glob(os.path.join(folder, "ckpt_*.pt")))
+
+
+def prune_checkpoints(folder, keep, good):
+    """Delete all but the newest `keep` checkpoints in folder that load; good: paths known to load (updated).
+    A damaged checkpoint is deleted, so it can never outlive a good one."""
+    kept = 0
+    for path in reversed(checkpoints_in(folder)):
+        if kept < keep and path not in good:
+            try:
+                load_checkpoint(path)
+                good.add(path)
+            except DataError as e:
+                print(f"removing {path}: {e}")
+        if kept < keep and path in good:
+            kept += 1
+        else:
+            os.remove(path)
+            good.discard(path)
+
+
+def check_out_folder(out, flag="--out"):
+    """Fail before anything is written unless out is a folder, or can be made as one."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SettingsError(f"{flag} {out} is a file; expected a folder")
+    parent = out
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent) or "."
+    if not os.path.isdir(parent):
+        raise SettingsError(f"{flag} {out} cannot be made: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SettingsError(f"{flag} {out} cannot be written: {parent} is not writable")
+
+
+def make_folder(out, flag="--out"):
+    """os.makedirs, with a refusal (a read-only place, say) as one sentence. Returns whether it made out."""
+    made = not os.path.isdir(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise SettingsError(f"{flag} {out} cannot be made ({e.strerror})") from None
+    return made
+
+
+def lock_folder(out):
+    """Claim out for this process with a lock file holding its process id. A lock held by a live process fails;
+    one left by a process that is gone (killed) is taken over. Returns (lock path, a line to log or None)."""
+    path, note = os.path.join(out, "run.lock"), None
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pid = 0                             # unreadable or half-written: a holder that died writing it
+            if pid and pid != os.getpid() and pid_alive(pid):
+                raise SettingsError(f"{out} is in use by process {pid}, which holds {path}; wait for it to end "
+                                    f"or choose another --out") from None
+            try:      # rename rather than remove: of two processes taking over, only one can succeed
+                os.replace(path, f"{path}.{os.getpid()}.stale")
+                os.remove(f"{path}.{os.getpid()}.stale")
+                note = f"took over {path}: process {pid or '(unknown)'} that held it is gone"
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return path, note
+    raise SettingsError(f"{out} is being claimed by other processes at the same time; choose another --out")
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # alive, another user's
+        pass
+    return True
 
 
 def find_checkpoint(resume, out):
@@ -455,11 +578,7 @@ def load_for_eval(path, task=None):
         sd = {**state["model"], **state["ema"]}   # EMA parameters, the live puzzle-embedding buffer
         sd["puzzle_emb"] = state["model"]["puzzle_emb"]
     model = TRM(mcfg)
-    try:
-        model.load_state_dict(sd)
-    except RuntimeError as e:
-        first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
-        raise DataError(f"checkpoint {path} does not fit its own model config: {first}") from None
+    load_weights(model, sd, path)
     return model.eval(), tcfg, mcfg
 
 
@@ -508,13 +627,20 @@ def main(argv=None):
     except (DataError, SettingsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:          # a full disk while drawing, say
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run(args):
     ranks = Ranks.from_env()     # under torchrun every rank evaluates a share; rank 0 reports
     if not ranks.main:
         sys.stdout = open(os.devnull, "w")
+    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    check_out_folder(out)
     model, tcfg_dict, mcfg = load_for_eval(args.checkpoint, args.task)
+    if args.task and args.task != tcfg_dict["task"]:
+        raise SettingsError(f"--task {args.task}: checkpoint {args.checkpoint} was trained on {tcfg_dict['task']}")
     tcfg = TrainConfig(**{**tcfg_dict, "dtype": args.dtype, **({"data": args.data} if args.data else {})})
     task = importlib.import_module(tcfg.task)
     device, _, _, autocast = setup_runtime(tcfg)
@@ -530,13 +656,12 @@ def run(args):
         raise SettingsError(f"--steps {args.steps} is a list, and a list of steps needs --breadth (e.g. --breadth 1)")
     if args.noise < 0 or not math.isfinite(args.noise) or args.seed < 0:
         raise SettingsError(f"--noise {args.noise} and --seed {args.seed} must be finite and not negative")
-    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-    os.makedirs(out, exist_ok=True)
 
     if args.solve is not None:
         if not hasattr(task, "parse_solve"):
             raise SettingsError(f"--solve is not available for {tcfg.task}: the model only knows the tasks it was trained on")
         inputs, labels = task.parse_solve(args.solve, mcfg)
+        make_folder(out)
         ds = Dataset.ungrouped(inputs, labels, mcfg.vocab_size)
         res = evaluate(model, ds, N, 1, device, autocast, keep=range(1, N + 1))
         answers = [r["preds"][0] for r in res]
@@ -546,6 +671,7 @@ def run(args):
         return
 
     _, test_ds = task.build_datasets(tcfg, splits=("test",))
+    make_folder(out)
     if args.breadth is not None:
         return run_breadth(args, model, mcfg, tcfg, task, test_ds, steps, device, autocast, ranks, out)
     score = getattr(task, "score", None)
@@ -556,7 +682,9 @@ def run(args):
     if not ranks.main:     # the others only took part in the evaluations
         return
     has_valid = "valid" in res[0]
-    print(f"{res[0]['count']} test rows, {N} supervision steps (trained with N_sup {mcfg.N_sup})")
+    print(f"{res[0]['count']} test rows, {N} supervision steps (trained with N_sup {mcfg.N_sup})"
+          + (f"; {res[0]['scored']} rows have a known answer, and only those are scored"
+             if res[0]["scored"] < res[0]["count"] else ""))
     print("step   exact   token" + ("   valid" if has_valid else ""))
     for r in res:
         print(f"{r['step']:>4} {100 * r['exact']:6.2f}% {100 * r['token']:6.2f}%" + (f" {100 * r['valid']:6.2f}%" if has_valid else ""))

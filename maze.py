@@ -13,7 +13,8 @@ import os
 
 import numpy as np
 
-from data import PAD, Dataset, DataError, SettingsError, cached_splits, dihedral, hub_csv, real_or_generated
+from data import (PAD, Dataset, DataError, SettingsError, cached_splits, dihedral, hub_csv, real_or_generated,
+                  shown, source_key)
 
 CHARSET = "# SGo"
 WALL, OPEN, START, GOAL, PATH = 1, 2, 3, 4, 5
@@ -62,9 +63,14 @@ def decode(tokens, size):
     if len(bad):
         i, j = bad[0]
         raise DataError(f"maze {i} has token {rows[i, j]} at {_cell(j, size)}; expected 1-{VOCAB_SIZE - 1}")
-    chars = np.frombuffer(("?" + CHARSET).encode(), np.uint8)[rows]
-    strings = [row.tobytes().decode() for row in chars]
+    strings = _text(rows)
     return strings[0] if tokens.ndim == 1 else strings
+
+
+def _text(rows):
+    """Token rows [N, L] -> strings, with '?' for padding and any token outside the vocabulary."""
+    rows = np.where((rows >= 1) & (rows < VOCAB_SIZE), rows, 0)
+    return [row.tobytes().decode() for row in np.frombuffer(("?" + CHARSET).encode(), np.uint8)[rows]]
 
 
 def read_csv(path, size=30):
@@ -80,7 +86,7 @@ def read_csv(path, size=30):
             if header is None:
                 raise DataError(f"{path} is empty; expected the header {','.join(HEADER)} and one maze per line")
             if header != HEADER:
-                raise DataError(f"{path} line 1 has columns {','.join(header)}; expected {','.join(HEADER)}")
+                raise DataError(f"{path} line 1 has columns {shown(','.join(header), 80)}; expected {','.join(HEADER)}")
             for row in reader:
                 line = reader.line_num
                 if not row:
@@ -97,13 +103,14 @@ def read_csv(path, size=30):
                 except ValueError:
                     rating = math.nan
                 if not rating.is_integer():
-                    raise DataError(f"{path} line {line}: the rating {row[3]!r} is not an integer")
+                    raise DataError(f"{path} line {line}: the rating {shown(row[3])} is not an integer")
                 lines.append(line)
                 questions.append(row[1])
                 answers.append(row[2])
                 ratings.append(int(rating))
         except csv.Error as e:
-            raise DataError(f"{path} line {reader.line_num} is not valid CSV ({e})") from None
+            raise DataError(f"{path} line {reader.line_num} is not valid CSV ({e}); expected a text file with "
+                            f"columns {','.join(HEADER)}") from None
     if not lines:
         raise DataError(f"{path} has a header but no mazes; expected one maze per line")
     q, a = _tokens(questions, size), _tokens(answers, size)
@@ -486,7 +493,7 @@ def build_datasets(tcfg, splits=("train", "test")):
 
     def key(split):
         count, aug = (tcfg.train_puzzles, tcfg.num_aug) if split == "train" else (tcfg.test_puzzles, 0)
-        return f"{tcfg.data}-{split}-{count}-aug{aug}-n{tcfg.size}-p{tcfg.min_path}-s{tcfg.data_seed}"
+        return f"{source_key(tcfg.data, split, CACHE_DIR)}-{split}-{count}-aug{aug}-n{tcfg.size}-p{tcfg.min_path}-s{tcfg.data_seed}"
 
     return cached_splits("maze", splits, key, build)
 
@@ -512,10 +519,10 @@ def parse_solve(text, mcfg):
 def describe_solution(inputs, pred):
     size = math.isqrt(inputs.shape[1])
     is_path, is_shortest = check_paths(inputs.astype(np.uint8), pred[None].astype(np.uint8))
-    grid = decode(pred.astype(np.uint8), size)
+    grid = _text(pred[None].astype(np.int64))[0]     # an untrained model may predict padding: drawn as '?'
     rows = [grid[r * size:(r + 1) * size] for r in range(size)]
     verdict = "a shortest path" if is_shortest[0] else ("a path, but not a shortest one" if is_path[0] else "NOT a path")
-    return "\n".join(rows + [f"the prediction is {verdict} from S to G"])
+    return "\n".join(rows + [f"the model's answer is {verdict} from S to G"])
 
 
 def draw_steps(inputs, labels, steps, path):

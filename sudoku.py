@@ -4,11 +4,13 @@ validity-preserving augmentations, a solution checker and a picture of a predict
 A grid is a numpy uint8 array of 81 digits, row-major, 0 for a blank ([N, 81] for a batch).
 The solver works on candidate bitmasks: bit k of a cell's mask set means digit k + 1 is still possible.
 """
+import csv
+import io
 import os
 
 import numpy as np
 
-from data import Dataset, DataError, cached_splits, hub_csv, real_or_generated
+from data import Dataset, DataError, cached_splits, hub_csv, real_or_generated, shown, source_key
 
 ROWS = [[r * 9 + c for c in range(9)] for r in range(9)]
 COLS = [[r * 9 + c for r in range(9)] for c in range(9)]
@@ -72,11 +74,17 @@ def read_csv(path):
         data = f.read().replace(b"\r", b"")
     if not data or data.isspace():
         raise DataError(f"{path} is empty; expected a header {columns} and one row per puzzle")
+    if b"\0" in data[:4096]:
+        raise DataError(f"{path} is not a text file (it holds NUL bytes); expected a CSV file with columns {columns}")
     header, _, body = data.partition(b"\n")
     del data
-    header = header.decode("utf-8-sig", "replace").strip()
+    header = header[:1000].decode("utf-8-sig", "replace").strip()   # a header is short: a long one is wrong anyway
+    header = ",".join(next(csv.reader([header]), []))
     if header != columns:
-        raise DataError(f"{path} line 1 has the columns {header}; expected {columns}")
+        raise DataError(f"{path} line 1 has the columns {shown(header, 80)}; expected {columns}")
+    if b'"' in body:   # standard CSV quoting, which no valid field needs: unquoted the slow way, then checked
+        body = "".join(",".join(row) + "\n" for row in csv.reader(io.StringIO(body.decode("utf-8", "replace"))))
+        body = body.encode()
     body = body.rstrip(b"\n") + b"\n"
     if body == b"\n":
         raise DataError(f"{path} has a header but no rows; expected one row per puzzle after it")
@@ -107,7 +115,7 @@ def read_csv(path):
     ratings = cells[3::4]
     if not all(map(bytes.isdigit, ratings)):
         k = next(k for k, r in enumerate(ratings) if not r.isdigit())
-        raise DataError(f"{path} line {k + 2} has the rating {ratings[k].decode(errors='replace')!r}; "
+        raise DataError(f"{path} line {k + 2} has the rating {shown(ratings[k])}; "
                         f"expected a non-negative integer")
     return questions, answers, np.array(ratings).astype(np.int64)
 
@@ -439,7 +447,7 @@ def build_datasets(tcfg, splits=("train", "test")):
 
     def key(split):
         count, aug = (tcfg.train_puzzles, tcfg.num_aug) if split == "train" else (tcfg.test_puzzles, 0)
-        return f"{tcfg.data}-{split}-{count}-aug{aug}-b{tcfg.min_blanks}-{tcfg.max_blanks}-d{tcfg.difficulty}-s{tcfg.data_seed}"
+        return f"{source_key(tcfg.data, split, CACHE_DIR)}-{split}-{count}-aug{aug}-b{tcfg.min_blanks}-{tcfg.max_blanks}-d{tcfg.difficulty}-s{tcfg.data_seed}"
 
     return cached_splits("sudoku", splits, key, build)
 

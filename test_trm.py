@@ -4,6 +4,7 @@ The gradient boundaries come first and are judged by what autograd does: which t
 which calls of the net receive gradient, and whether a supervision step's gradient reaches the previous one.
 """
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -373,6 +374,9 @@ def test_sudoku_csv_reader_reads_the_extreme_format(tmp_path):
     assert np.array_equal(got_q, q) and np.array_equal(got_a, a) and got_r.tolist() == [0, 1, 2]
     loaded = sudoku.load_extreme("test", path=str(tmp_path / "t.csv"))
     assert np.array_equal(loaded[0], q)
+    quoted = [tuple(f'"{v}"' for v in row) for row in rows]     # standard CSV quoting, as a spreadsheet writes it
+    got_q, got_a, got_r = sudoku.read_csv(write_csv(tmp_path / "q.csv", quoted, '"source","question","answer","rating"'))
+    assert np.array_equal(got_q, q) and np.array_equal(got_a, a) and got_r.tolist() == [0, 1, 2]
 
 
 @pytest.mark.parametrize("rows,header,message", [
@@ -380,12 +384,15 @@ def test_sudoku_csv_reader_reads_the_extreme_format(tmp_path):
     ([("s", EASY[:80], "1" * 81, 0)], None, "line 2 has 80 characters in its question; expected 81"),
     ([("s", EASY, "1" * 81)], None, "line 2 has 3 fields; expected 4"),
     ([("s", EASY.replace("5", "x", 1), "1" * 81, 0)], None, "question"),
-    ([], "source,quiz,answer,rating", "has the columns source,quiz,answer,rating; expected source,question,answer,rating"),
+    ([], "source,quiz,answer,rating", "has the columns 'source,quiz,answer,rating'; expected source,question,answer"),
+    ([], "PK\x03\x04\x00\x00", r"is not a text file \(it holds NUL bytes\)"),
+    ([], "\x1b[31m" + "x" * 10 ** 6, r"has the columns '\\x1b\[31mxxx"),     # cut and escaped, not echoed whole
 ])
 def test_sudoku_csv_reader_names_the_problem(tmp_path, rows, header, message):
     path = write_csv(tmp_path / "bad.csv", rows, header or "source,question,answer,rating")
-    with pytest.raises(data.DataError, match=message):
+    with pytest.raises(data.DataError, match=message) as e:
         sudoku.read_csv(path)
+    assert len(str(e.value)) < 300 and "\x1b" not in str(e.value)
 
 
 def test_unreachable_hub_gives_one_clear_sentence(tmp_path, monkeypatch):
@@ -492,24 +499,52 @@ def test_a_tiny_model_learns_sudokus_with_few_blanks(workdir):
 
 # ------------------------------------------------------------------------------------------ bad input
 
-def expect_error(capsys, entry, argv, message):
+def files_under(root="."):
+    """{path: sha256} of every file and folder under root but the data cache: what a failed run must not change."""
+    found = {}
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [d for d in subfolders if os.path.join(folder, d) != os.path.join(root, "data")]
+        found[folder] = "folder"
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                found[os.path.join(folder, name)] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+def expect_error(capsys, entry, argv, message, unchanged=True):
+    """entry(argv) ends in one sentence on stderr and exit 2, and (unchanged) leaves every file as it was."""
+    before = files_under() if unchanged else None
     with pytest.raises(SystemExit) as e:
         entry(argv)
     err = capsys.readouterr().err
-    assert e.value.code != 0
+    assert e.value.code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert message in err, err
+    if unchanged:
+        after = files_under()
+        assert after == before, f"changed: {sorted(set(after.items()) ^ set(before.items()))[:4]}"
+
+
+def edited_checkpoint(good, path, edit):
+    state = torch.load(good, weights_only=False)
+    edit(state)
+    torch.save(state, path)
 
 
 @pytest.fixture(scope="module")
 def damaged(workdir):
-    """A good checkpoint, a truncated copy, a text file and a malformed CSV."""
+    """A good checkpoint, a truncated copy, copies with edited settings or weights, a text file, a malformed CSV."""
     run_train("--max-steps", "1", "--out", "good")
     good = evaluate.checkpoints_in("good")[-1]
     blob = open(good, "rb").read()
     open("truncated.pt", "wb").write(blob[: len(blob) // 2])
     open("notes.pt", "w").write("not a checkpoint")
     open("wrong.csv", "w").write("id,puzzle\n1,2\n")
+    edited_checkpoint(good, "unknown_setting.pt", lambda s: s["train_config"].update(bogus=1))
+    edited_checkpoint(good, "wrong_type.pt", lambda s: s["model_config"].update(d_model="wide"))
+    edited_checkpoint(good, "bad_value.pt", lambda s: s["model_config"].update(n=0))
+    edited_checkpoint(good, "renamed_weight.pt", lambda s: s["model"].update(extra=s["model"].pop("output_head.weight")))
+    edited_checkpoint(good, "bad_optimizer.pt", lambda s: s.update(optimizer={"state": {}, "param_groups": []}))
     return good
 
 
@@ -527,13 +562,34 @@ BAD_COMMAND_LINES = [
     (["--max-steps", "-3"], "--max-steps is -3; expected a whole number of at least 0"),
     (["--lr", "0"], "--lr is 0.0; expected a positive learning rate"),
     (["--data", "missing.csv"], "--data 'missing.csv' is neither generate, hub, auto nor an existing CSV"),
-    (["--data", "wrong.csv", "--out", "w"], "wrong.csv line 1 has the columns id,puzzle; expected source,question,answer,rating"),
+    (["--data", "wrong.csv", "--out", "w"], "wrong.csv line 1 has the columns 'id,puzzle'; expected source,question,answer,rating"),
     (["--resume", "missing.pt"], "checkpoint missing.pt does not exist"),
     (["--resume", "truncated.pt"], "checkpoint truncated.pt could not be read"),
     (["--resume", "notes.pt"], "checkpoint notes.pt could not be read"),
     (["--resume", "auto", "--out", "empty"], "--resume auto found no complete checkpoint in empty"),
     (["--resume", "GOOD", "--d-model", "64"], "was trained with d_model 32, not 64"),
     (["--task", "maze", "--resume", "GOOD"], "was trained with task sudoku, not maze"),
+    (["--resume", "unknown_setting.pt"], "checkpoint unknown_setting.pt has the setting 'bogus', which TrainConfig"),
+    (["--resume", "wrong_type.pt"], "checkpoint wrong_type.pt has d_model = 'wide' (str); expected int"),
+    (["--resume", "bad_value.pt"], "checkpoint bad_value.pt holds settings that cannot work: --n is 0"),
+    (["--resume", "renamed_weight.pt"], "checkpoint renamed_weight.pt does not fit its own model config"),
+    (["--resume", "bad_optimizer.pt"], "checkpoint bad_optimizer.pt cannot be resumed: its optimizer"),
+    (["--device", "cuda"], "--device cuda: this machine has no cuda device"),
+    (["--device", "mps"], "--device mps: this machine has no mps device"),
+    (["--device", "tpu"], "--device 'tpu' is not a device; expected auto, cpu, cuda, cuda:N or mps"),
+    (["--threads", "-1"], "--threads is -1; expected a whole number of at least 0"),
+    (["--seed", "-1"], "--seed is -1; expected a whole number of at least 0"),
+    (["--expansion", "0"], "--expansion is 0.0; expected a positive number"),
+    (["--beta1", "1.5"], "--beta1 is 1.5; expected a rate in [0, 1)"),
+    (["--micro-batch", "-4"], "--micro-batch is -4; expected a whole number of at least 0"),
+    (["--lr", "inf"], "--lr is inf; expected a positive learning rate"),
+    (["--halt-exploration-prob", "2"], "--halt-exploration-prob is 2.0; expected a probability in [0, 1]"),
+    (["--no-mlp-t", "--rope", "--d-model", "24", "--n-heads", "8"], "gives heads of 3 channels; RoPE rotates"),
+    (["--out", "notes.pt"], "--out notes.pt is a file; expected a folder"),
+    (["--out", "notes.pt/run"], "--out notes.pt/run cannot be made: notes.pt is a file"),
+    (["--out", "/proc/trm-run"], "--out /proc/trm-run cannot be"),
+    (["--out", "good", "--overwrite", "--data", "wrong.csv"], "wrong.csv line 1 has the columns"),
+    (["--out", "good", "--overwrite", "--device", "cuda"], "--device cuda: this machine has no cuda device"),
 ]
 
 
@@ -551,12 +607,17 @@ BAD_EVALUATIONS = [
     (["--checkpoint", "GOOD", "--steps", "0"], "--steps '0': expected a positive whole number"),
     (["--checkpoint", "GOOD", "--breadth", "4,x"], "--breadth '4,x': expected a positive whole number"),
     (["--checkpoint", "GOOD", "--halt", "--halt-threshold", "1.5"], "--halt-threshold is 1.5; expected a probability"),
+    (["--checkpoint", "GOOD", "--task", "maze"], "--task maze: checkpoint GOOD was trained on sudoku"),
+    (["--checkpoint", "GOOD", "--out", "notes.pt"], "--out notes.pt is a file; expected a folder"),
+    (["--checkpoint", "GOOD", "--out", "fresh", "--data", "wrong.csv"], "wrong.csv line 1 has the columns"),
+    (["--checkpoint", "wrong_type.pt"], "checkpoint wrong_type.pt has d_model = 'wide' (str); expected int"),
+    (["--checkpoint", "renamed_weight.pt"], "checkpoint renamed_weight.pt does not fit its own model config"),
 ]
 
 
 @pytest.mark.parametrize("args,message", BAD_EVALUATIONS, ids=[" ".join(a)[:40] for a, _ in BAD_EVALUATIONS])
 def test_bad_evaluations_fail_with_one_sentence(damaged, capsys, args, message):
-    expect_error(capsys, evaluate.main, [damaged if a == "GOOD" else a for a in args], message)
+    expect_error(capsys, evaluate.main, [damaged if a == "GOOD" else a for a in args], message.replace("GOOD", damaged))
 
 
 def arc_task(grid):
@@ -565,7 +626,7 @@ def arc_task(grid):
 
 BAD_FILES = [
     ("maze.csv", "source,question,answer,rating\ns," + "x" * 900 + "," + " " * 900 + ",1\n", "maze", "line 2"),
-    ("maze.csv", "source,question\n", "maze", "line 1 has columns source,question; expected source,question,answer,rating"),
+    ("maze.csv", "source,question\n", "maze", "line 1 has columns 'source,question'; expected source,question,answer,rating"),
     ("maze.csv", "source,question,answer,rating\ns," + " " * 899 + "," + " " * 900 + ",1\n", "maze", "899"),
     ("big.json", json.dumps(arc_task([[0] * 31] * 31)), "arc", "31x31"),
     ("ragged.json", json.dumps(arc_task([[0, 1], [2]])), "arc", "rows of 1 to 2 cells"),
@@ -670,7 +731,7 @@ def test_nan_loss_stops_training_and_the_checkpoint_on_disk_still_loads(workdir,
     poison_step(monkeypatch, 4)
     expect_error(capsys, train.main, TINY + ["--max-steps", "6", "--checkpoint-interval", "2", "--out", "nan"],
                  "step 4 has a non-finite loss or gradient, so training stopped before updating; "
-                 "the last checkpoint, nan/ckpt_00000002.pt, is intact")
+                 "the last checkpoint, nan/ckpt_00000002.pt, is intact", unchanged=False)
     state = evaluate.load_checkpoint(evaluate.checkpoints_in("nan")[-1])
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
 

@@ -25,6 +25,7 @@ import glob
 import importlib
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -35,8 +36,9 @@ import torch.nn.functional as F
 import evaluate
 from data import (Batches, DataError, Ranks, SettingsError, TrainConfig, check_config, fit_to_data,
                   micro_batch_size, parse_args, resolve_config, rows_per_epoch)
-from evaluate import (Logger, checkpoints_in, find_checkpoint, flops_per_sample, format_time, matmul_peak,
-                      peak_memory, save_checkpoint, setup_runtime, synchronize)
+from evaluate import (Logger, check_out_folder, checkpoints_in, find_checkpoint, flops_per_sample, format_time,
+                      load_weights, lock_folder, make_folder, matmul_peak, peak_memory, prune_checkpoints,
+                      save_checkpoint, setup_runtime, synchronize)
 from model import TRM, TRMConfig
 
 
@@ -208,43 +210,88 @@ def update(optimizer, model, ema_params, result, step, tcfg):
 
 def train(tcfg, mcfg, resume_state=None):
     """The paper's training loop (module docstring), one optimizer step per supervision step of every slot."""
-    run = Run.start(tcfg, mcfg, resume_state)          # data, model, EMA, optimizer, resumed state
-    model, N_sup = run.model, run.mcfg.N_sup
-    step_fn = torch.compile(supervision_step) if run.compile_on else supervision_step
-    model.train()
-    while run.step < run.total_steps:
-        batch = next(run.batches)
-        carry = refill(model, run.carry or initial_carry(model, batch), batch)
-        lr = lr_at(run.step, tcfg, tcfg.lr)
-        for g in run.optimizer.param_groups:
-            g["lr"] = lr
-        min_steps = exploration_min_steps(tcfg.batch_size, N_sup, tcfg.halt_exploration_prob, run.device)
-        result = accumulated_step(step_fn, model, carry, min_steps[run.mine], run.micro, tcfg.batch_size,
-                                  run.autocast)
-        result = all_reduce_step(run.ranks, run.params, result)
-        grads = [p.grad for p in run.params if p.grad is not None]
-        if not all_finite(result.loss, result.puzzle_grad, *grads):
-            run.skip_nonfinite()                       # or StopTraining, past --skip-nonfinite steps
-            continue
-        update(run.optimizer, model, run.ema_model.parameters(), result, run.step, tcfg)
-        run.step += 1
-        run.carry = result.carry
-        run.log_step(result.stats, lr)
-        if run.due(tcfg.eval_interval):
-            run.evaluate()
-        if run.due(tcfg.checkpoint_interval):
-            run.save()
-    path = run.save()
-    res = run.evaluate()
-    run.log(f"done: {run.step} steps in {format_time(time.time() - run.t0)}; checkpoint {path}")
+    with StopRequest() as stop, Run.start(tcfg, mcfg, resume_state) as run:   # SIGINT/SIGTERM; data, model, EMA
+        model, N_sup = run.model, run.mcfg.N_sup
+        step_fn = torch.compile(supervision_step) if run.compile_on else supervision_step
+        model.train()
+        while run.step < run.total_steps and not stop.agreed(run.ranks, run.device):
+            batch = next(run.batches)
+            carry = refill(model, run.carry or initial_carry(model, batch), batch)
+            lr = lr_at(run.step, tcfg, tcfg.lr)
+            for g in run.optimizer.param_groups:
+                g["lr"] = lr
+            min_steps = exploration_min_steps(tcfg.batch_size, N_sup, tcfg.halt_exploration_prob, run.device)
+            result = accumulated_step(step_fn, model, carry, min_steps[run.mine], run.micro, tcfg.batch_size,
+                                      run.autocast)
+            result = all_reduce_step(run.ranks, run.params, result)
+            grads = [p.grad for p in run.params if p.grad is not None]
+            if not all_finite(result.loss, result.puzzle_grad, *grads):
+                run.skip_nonfinite()                   # or StopTraining, past --skip-nonfinite steps
+                continue
+            update(run.optimizer, model, run.ema_model.parameters(), result, run.step, tcfg)
+            if not all_finite(*run.params, *run.ema_model.parameters(), model.puzzle_emb[result.puzzle_ids]):
+                raise StopTraining(f"step {run.step + 1} made the weights non-finite (learning rate {lr:g}), so "
+                                   f"training stopped; the last checkpoint, {run.last_ckpt or 'none yet'}, is intact")
+            run.step += 1
+            run.carry = result.carry
+            run.replace_old_run()                      # --overwrite: the old run goes once a step has worked
+            run.log_step(result.stats, lr)
+            if run.due(tcfg.eval_interval):
+                run.evaluate()
+            if run.due(tcfg.checkpoint_interval):
+                run.save()
+        if stop.signum:
+            raise Interrupted(stop.signum, run.save() if run.step > run.start_step else None, tcfg.out)
+        path = run.save()
+        res = run.evaluate()
+        run.log(f"done: {run.step} steps in {format_time(time.time() - run.t0)}; checkpoint {path}")
     return model, run.ema_model, res
+
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the step in flight and save a checkpoint; the same
+    signal again abandons the step at once (KeyboardInterrupt)."""
+
+    def __enter__(self):
+        self.signum = None
+        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def agreed(self, ranks, device):
+        """Whether to stop now: under torchrun all ranks stop at the same step, when any of them was asked."""
+        if ranks.world == 1:
+            return self.signum is not None
+        return bool(ranks.sum(torch.tensor([float(self.signum is not None)], device=device)) > 0)
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal, after saving: main prints where and how to resume and exits 128 + signum."""
+
+    def __init__(self, signum, path, out):
+        self.signum = signum
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} at a step boundary; checkpoint {path}; continue with "
+                         f"python train.py --resume auto --out {out}" if path else
+                         f"stopped by {name} before the first step; nothing was saved")
 
 
 # ------------------------------------------------------------------------------------------ the run
 
 @dataclass
 class Run:
-    """Everything a training run holds besides the loop itself: built by `start`, saved by `save`."""
+    """Everything a training run holds besides the loop itself: built by `start`, saved by `save`, and a
+    context that gives its output folder back (lock released, nothing left behind by a run that never stepped)."""
     tcfg: TrainConfig
     mcfg: TRMConfig
     task: object
@@ -269,6 +316,10 @@ class Run:
     last_log: float = 0.0
     sums: dict = None             # statistics summed since the last log line
     steps_logged: int = 0
+    lock: str = ""                # the output folder's lock file, on rank 0
+    made_out: bool = False        # whether this run made the output folder
+    old_run: list = None          # files of the run that --overwrite replaces, removed after the first step
+    good: set = None              # checkpoints known to load, for pruning
 
     @property
     def params(self):
@@ -280,13 +331,13 @@ class Run:
 
     @classmethod
     def start(cls, tcfg, mcfg, resume_state):
+        """Everything is built and checked first; the output folder is claimed last, so a run that fails its
+        checks (settings, device, data, checkpoint) leaves no file behind."""
         device, dtype, compile_on, autocast = setup_runtime(tcfg)
         ranks = Ranks.from_env()
         if tcfg.batch_size % ranks.world:
             raise SettingsError(f"--batch-size {tcfg.batch_size} does not split evenly over "
                                 f"{ranks.world} processes")
-        if ranks.main:
-            os.makedirs(tcfg.out, exist_ok=True)
         log = Logger(tcfg.out if ranks.main else None, quiet=not ranks.main)
         log(f"task {tcfg.task}, preset {tcfg.preset} ({tcfg.preset_note}), device {device}, {dtype}, "
             f"compile {'on' if compile_on else 'off'}, out {tcfg.out}"
@@ -319,24 +370,66 @@ class Run:
             + (f" in micro-batches of {micro} rows (gradients accumulated)"
                if micro * ranks.world < tcfg.batch_size else ""))
         run = cls(tcfg, mcfg, task, ranks, log, device, autocast, compile_on, test_ds, model, ema_model,
-                  optimizer, batches, total_steps, micro, last_ckpt=tcfg.resume)
+                  optimizer, batches, total_steps, micro, last_ckpt=tcfg.resume,
+                  good={tcfg.resume} if tcfg.resume else set())
         if resume_state is not None:
             run.restore(resume_state)
+        if ranks.main:
+            run.claim_out()
         run.t0 = run.last_log = time.time()
         run.start_step = run.step
         return run
 
+    def claim_out(self):
+        """Make and lock the output folder, clean what a killed run left, and note what --overwrite replaces."""
+        out = self.tcfg.out
+        self.made_out = make_folder(out)
+        self.lock, note = lock_folder(out)
+        if note:
+            self.log(note)
+        try:
+            check_out_use(self.tcfg)  # again under the lock: another run may have finished into it meanwhile
+        except SettingsError:
+            self.__exit__()
+            raise
+        for tmp in glob.glob(os.path.join(out, "ckpt_*.pt.tmp")):
+            os.remove(tmp)
+            self.log(f"removed {tmp}, a checkpoint whose writing was cut off")
+        if self.tcfg.overwrite and not self.tcfg.resume:
+            self.old_run = checkpoints_in(out) + glob.glob(os.path.join(out, "metrics.jsonl"))
+
+    def replace_old_run(self):
+        for path in self.old_run or ():
+            os.remove(path)
+        if self.old_run:
+            self.log(f"--overwrite: removed the {len(self.old_run)} files of the previous run in {self.tcfg.out}")
+        self.old_run = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.lock:
+            os.remove(self.lock)
+            if self.made_out and not os.listdir(self.tcfg.out):
+                os.rmdir(self.tcfg.out)
+
     def restore(self, state):
-        self.model.load_state_dict(state["model"])
-        self.ema_model.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.batches.load_state_dict(state["batches"])
-        self.step = state["step"]
-        self.carry = {k: v[self.mine].to(self.device) for k, v in state["carry"].items()}
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        self.log(f"resumed at step {self.step} from {self.tcfg.resume}")
+        path = self.tcfg.resume
+        load_weights(self.model, state["model"], path)
+        load_weights(self.ema_model, state["ema"], path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.batches.load_state_dict(state["batches"])
+            self.step = int(state["step"])
+            self.carry = {k: v[self.mine].to(self.device) for k, v in state["carry"].items()}
+            torch.set_rng_state(state["rng"]["torch"])
+            if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(state["rng"]["cuda"])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+            raise DataError(f"checkpoint {path} cannot be resumed: its optimizer, data position or random "
+                            f"state is damaged ({type(e).__name__})") from None
+        self.log(f"resumed at step {self.step} from {path}")
 
     def due(self, interval):
         return interval and self.step % interval == 0 and self.step < self.total_steps
@@ -386,8 +479,9 @@ class Run:
         if not self.ranks.main:
             return res
         scores, line = score(tcfg, preds, halt) if score else ({}, "")
-        self.log(f"eval step {self.step}: exact {last['exact']:.2%}, token {last['token']:.2%} on "
-                 f"{last['count']} held-out rows after {mcfg.N_sup} supervision steps (EMA weights)"
+        accuracy = (f"exact {last['exact']:.2%}, token {last['token']:.2%} on {last['scored']} held-out rows"
+                    if last["scored"] else f"unscored: none of the {last['count']} held-out rows has a known answer")
+        self.log(f"eval step {self.step}: {accuracy} after {mcfg.N_sup} supervision steps (EMA weights)"
                  + (f"; {line}" if line else ""), kind="eval", step=self.step, per_step=res, **scores)
         return res
 
@@ -404,13 +498,20 @@ class Run:
                               cuda=torch.cuda.get_rng_state() if self.device.type == "cuda" else None))
         path = os.path.join(self.tcfg.out, f"ckpt_{self.step:08d}.pt")
         save_checkpoint(path, state)
-        for old in checkpoints_in(self.tcfg.out)[:-2]:
-            os.remove(old)
+        self.good.add(path)
+        prune_checkpoints(self.tcfg.out, 2, self.good)
         self.last_ckpt = path
         return path
 
 
 # ------------------------------------------------------------------------------------- command line
+
+def check_out_use(tcfg):
+    """A new run may not mix into a folder that holds another run's checkpoints unless told to replace them."""
+    if not tcfg.resume and not tcfg.overwrite and checkpoints_in(tcfg.out):
+        raise SettingsError(f"{tcfg.out} already holds a run; use --resume auto to continue it, "
+                            f"--overwrite to replace it, or --out for a new folder")
+
 
 def main(argv=None):
     given = parse_args(argv, __doc__.split("\n")[0])
@@ -419,6 +520,7 @@ def main(argv=None):
         if tcfg.bench:
             return bench(tcfg, mcfg)
         tcfg.out = tcfg.out or os.path.join("out", f"{tcfg.task}-{tcfg.preset}")
+        check_out_folder(tcfg.out)
         resume_state = None
         if tcfg.resume:
             path, resume_state = find_checkpoint(tcfg.resume, tcfg.out)
@@ -428,15 +530,20 @@ def main(argv=None):
                     raise SettingsError(f"checkpoint {path} was trained with {k} {saved[k]}, not {given[k]}")
             # A resumed run keeps its settings unless the command line changes one (--max-steps, say).
             tcfg, mcfg = resolve_config({**saved, **given, "resume": path, "out": tcfg.out})
-        elif checkpoints_in(tcfg.out) and not tcfg.overwrite:
-            raise SettingsError(f"{tcfg.out} already holds a run; use --resume auto to continue it, "
-                                f"--overwrite to replace it, or --out for a new folder")
-        elif tcfg.overwrite and os.environ.get("RANK", "0") == "0":
-            for old in checkpoints_in(tcfg.out) + glob.glob(os.path.join(tcfg.out, "metrics.jsonl")):
-                os.remove(old)
+        check_out_use(tcfg)
         train(tcfg, mcfg, resume_state)
     except (DataError, SettingsError, StopTraining) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        print("error: interrupted at once; the step in flight was abandoned, and the checkpoints already written "
+              "are intact", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:          # a full disk while logging, say
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
