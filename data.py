@@ -462,7 +462,8 @@ def check_config(tcfg, mcfg):
         (("max_steps", "epochs", "skip_nonfinite", "num_aug", "micro_batch", "threads", "seed", "data_seed",
           "train_puzzles", "test_puzzles", "warmup_steps", "eval_interval", "eval_limit", "checkpoint_interval",
           "puzzle_emb_len"), lambda v: v >= 0, "a whole number of at least 0"),
-        (("lr", "puzzle_emb_lr"), lambda v: finite(v) and v > 0, "a positive learning rate"),
+        # above 1 is a typo (1e4 for 1e-4), and near float32's limit AdamW fails converting its step size
+        (("lr", "puzzle_emb_lr"), lambda v: 0 < v <= 1, "a positive learning rate, at most 1"),
         (("expansion", "rope_theta", "rms_eps"), lambda v: finite(v) and v > 0, "a positive number"),
         (("weight_decay", "puzzle_emb_weight_decay", "log_interval"), lambda v: finite(v) and v >= 0,
          "a number of at least 0"),

@@ -4,6 +4,8 @@ The gradient boundaries come first and are judged by what autograd does: which t
 which calls of the net receive gradient, and whether a supervision step's gradient reaches the previous one.
 """
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import math
@@ -561,6 +563,7 @@ BAD_COMMAND_LINES = [
     (["--dtype", "float16"], "--dtype is 'float16'; expected auto, float32 or bfloat16"),
     (["--max-steps", "-3"], "--max-steps is -3; expected a whole number of at least 0"),
     (["--lr", "0"], "--lr is 0.0; expected a positive learning rate"),
+    (["--lr", "1e39"], "--lr is 1e+39; expected a positive learning rate, at most 1"),
     (["--data", "missing.csv"], "--data 'missing.csv' is neither generate, hub, auto nor an existing CSV"),
     (["--data", "wrong.csv", "--out", "w"], "wrong.csv line 1 has the columns 'id,puzzle'; expected source,question,answer,rating"),
     (["--resume", "missing.pt"], "checkpoint missing.pt does not exist"),
@@ -743,6 +746,128 @@ def test_skip_nonfinite_skips_the_step_and_counts_it(workdir, capsys, monkeypatc
     assert "step 3: non-finite loss or gradient, skipped (1 of at most 1)" in out
     state = final_state("nan_skip")
     assert state["step"] == 5 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_weights_made_non_finite_stop_the_run_and_the_checkpoint_stays_finite(workdir, capsys, monkeypatch):
+    real_update = train.update
+    def overflowing_update(optimizer, model, ema_params, result, step, tcfg):
+        real_update(optimizer, model, ema_params, result, step, tcfg)
+        if step == 1:         # the second update overflows one weight, as a too-large step would
+            next(model.parameters()).data[0] = float("inf")
+    monkeypatch.setattr(train, "update", overflowing_update)
+    expect_error(capsys, train.main, TINY + ["--max-steps", "3", "--checkpoint-interval", "1", "--out", "overflow"],
+                 "step 2 made the weights non-finite (learning rate 0.001), so training stopped; the last "
+                 "checkpoint, overflow/ckpt_00000001.pt, is intact", unchanged=False)
+    state = evaluate.load_checkpoint(evaluate.checkpoints_in("overflow")[-1])
+    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_then_resume_matches_an_uninterrupted_run(workdir, sig):
+    name = signal.Signals(sig).name
+    args = ["--max-steps", "60", "--log-interval", "0", "--checkpoint-interval", "0"]
+    proc = start_train(args + ["--out", name], workdir)
+    wait_for(os.path.join(name, "metrics.jsonl"), proc)     # written after the first step
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    step = final_state(name)["step"]
+    assert proc.returncode == 128 + sig and "Traceback" not in err and 0 < step < 60, err
+    assert err.splitlines()[-1] == (f"stopped by {name} at a step boundary; checkpoint {name}/ckpt_{step:08d}.pt; "
+                                    f"continue with python train.py --resume auto --out {name}")
+    assert not os.path.exists(os.path.join(name, "run.lock"))
+    run_train(*args, "--resume", "auto", "--out", name)
+    run_train(*args, "--out", name + "_straight")
+    straight, resumed = final_state(name + "_straight"), final_state(name)
+    for key in ("model", "ema"):
+        for k, value in straight[key].items():
+            assert torch.equal(value, resumed[key][k]), f"{key} {k} differs (stopped by {name} after step {step})"
+
+
+def test_a_second_run_into_a_used_folder_is_refused_and_a_dead_runs_lock_is_taken_over(workdir, capsys):
+    proc = start_train(["--max-steps", "100000", "--log-interval", "0", "--out", "shared"], workdir)
+    wait_for(os.path.join("shared", "metrics.jsonl"), proc)
+    expect_error(capsys, train.main, TINY + ["--max-steps", "2", "--out", "shared"],
+                 f"shared is in use by process {proc.pid}, which holds shared/run.lock", unchanged=False)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists("shared/run.lock") and not evaluate.checkpoints_in("shared")
+    run_train("--max-steps", "2", "--out", "shared", "--overwrite", "--log-interval", "0")
+    out = capsys.readouterr().out
+    assert f"took over shared/run.lock: process {proc.pid} that held it is gone" in out
+    assert "--overwrite: removed the 1 files of the previous run in shared" in out
+    records = [json.loads(line) for line in open("shared/metrics.jsonl")]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]       # none of the killed run's
+    assert sorted(os.listdir("shared")) == ["ckpt_00000002.pt", "metrics.jsonl"]
+
+
+def test_a_damaged_newest_checkpoint_never_outlives_the_good_one(workdir, capsys):
+    run_train("--max-steps", "4", "--checkpoint-interval", "1", "--out", "prune")
+    newest = "prune/ckpt_00000004.pt"
+    blob = open(newest, "rb").read()
+    open(newest, "wb").write(blob[: len(blob) // 3])
+    open("prune/ckpt_00000005.pt.tmp", "wb").write(blob[:100])          # a write cut off by a crash
+    run_train("--max-steps", "5", "--checkpoint-interval", "0", "--resume", "auto", "--out", "prune")
+    out = capsys.readouterr().out
+    assert "skipping prune/ckpt_00000004.pt" in out and "resumed at step 3 from prune/ckpt_00000003.pt" in out
+    assert "removed prune/ckpt_00000005.pt.tmp" in out and "removing prune/ckpt_00000004.pt" in out
+    assert sorted(os.listdir("prune")) == ["ckpt_00000003.pt", "ckpt_00000005.pt", "metrics.jsonl"]
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_no_tmp(workdir, capsys, monkeypatch):
+    real_save = torch.save
+    def full_disk(obj, f):
+        if obj["step"] != 2:
+            return real_save(obj, f)
+        f.write(b"the first bytes")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", full_disk)
+    expect_error(capsys, train.main, TINY + ["--max-steps", "3", "--checkpoint-interval", "1", "--out", "full"],
+                 "checkpoint full/ckpt_00000002.pt could not be written (No space left on device); the partial "
+                 "file was removed and the checkpoints before it are intact", unchanged=False)
+    assert sorted(os.listdir("full")) == ["ckpt_00000001.pt"]
+    assert evaluate.load_checkpoint("full/ckpt_00000001.pt")["step"] == 1
+
+
+def test_data_caches_follow_the_csv_content_and_a_damaged_cache_is_rebuilt(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    q, a, _ = sudoku.generate(4, min_blanks=45, max_blanks=50, seed=1)
+    def write(part, mtime):
+        rows = [("g", sudoku.grid_to_string(x), sudoku.grid_to_string(y), 0) for x, y in zip(q[part], a[part])]
+        write_csv(tmp_path / "set.csv", rows)
+        os.utime("set.csv", ns=(mtime, mtime))
+    tcfg, _ = data.resolve_config(data.parse_args(TINY + ["--data", "set.csv", "--test-puzzles", "0"]))
+    write(slice(0, 2), 10 ** 18)
+    assert np.array_equal(sudoku.build_datasets(tcfg, ("test",))[1].inputs, q[:2] + 1)
+    write(slice(2, 4), 2 * 10 ** 18)                          # the same size, new puzzles
+    assert np.array_equal(sudoku.build_datasets(tcfg, ("test",))[1].inputs, q[2:] + 1)
+    folder = sorted(glob.glob("data/sudoku/set.csv-*-2000000000000000000-test*"))[0]
+    damages = [lambda: open(os.path.join(folder, "inputs.npy"), "r+b").truncate(100),
+               lambda: os.remove(os.path.join(folder, "labels.npy")),
+               lambda: np.save(os.path.join(folder, "labels.npy"), np.full((2, 81), 99, np.uint8)),
+               lambda: np.save(os.path.join(folder, "inputs.npy"), np.ones((3, 81), np.uint8))]
+    for damage in damages:
+        damage()
+        capsys.readouterr()
+        assert np.array_equal(sudoku.build_datasets(tcfg, ("test",))[1].inputs, q[2:] + 1)
+        assert f"rebuilding the data cache {folder}" in capsys.readouterr().out
+
+
+def test_rows_without_a_known_answer_are_unscored_never_right():
+    torch.manual_seed(0)
+    m = trm.TRM(trm.TRMConfig(vocab_size=5, seq_len=6, d_model=16, n_heads=2, puzzle_emb_len=1, n=1, T=1, N_sup=2))
+    inputs = torch.randint(1, 5, (4, 6)).numpy().astype(np.uint8)
+    labels = inputs.copy()
+    labels[2:] = 0                                       # two rows with no known answer
+    res = evaluate.evaluate(m, data.Dataset.ungrouped(inputs, labels * 0, 5), 2, 4, CPU, NO_AUTOCAST)
+    assert res[-1]["scored"] == 0 and math.isnan(res[-1]["exact"]) and math.isnan(res[-1]["token"])
+    res = evaluate.evaluate(m, data.Dataset.ungrouped(inputs, labels, 5), 2, 4, CPU, NO_AUTOCAST)
+    assert res[-1]["scored"] == 2 and res[-1]["count"] == 4 and res[-1]["exact"] in (0.0, 0.5, 1.0)
+
+
+def test_an_impossible_maze_answer_blames_the_model_not_the_maze():
+    q, _, _ = maze.generate(1, size=8, seed=0)
+    text = maze.describe_solution(q, np.zeros(64, np.uint8))      # all padding: what an untrained model may say
+    assert text.endswith("the model's answer is NOT a path from S to G") and "?" * 8 in text
 
 
 # --------------------------------------------------------------------------------------------- maze
