@@ -176,7 +176,7 @@ def cached(folder, build):
 def source_key(data, split, cache_dir):
     """The part of a cache name that says which CSV a split was read from: for a file, its name, size and
     modification time (ns). Any edit or replacement changes the time; hashing the content instead would read the
-    650 MB of Sudoku-Extreme's train.csv at every start. --data hub and auto name the downloaded file (or
+    3.8M rows of Sudoku-Extreme's train.csv at every start. --data hub and auto name the downloaded file (or
     'none', when auto falls back to generated puzzles); generate names nothing."""
     if data in ("hub", "auto"):
         file = os.path.join(os.path.expanduser(cache_dir), f"{split}.csv")

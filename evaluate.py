@@ -630,6 +630,9 @@ def main(argv=None):
     except OSError as e:          # a full disk while drawing, say
         print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted; the evaluation was abandoned", file=sys.stderr)
+        sys.exit(130)
 
 
 def run(args):

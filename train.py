@@ -36,9 +36,9 @@ import torch.nn.functional as F
 import evaluate
 from data import (Batches, DataError, Ranks, SettingsError, TrainConfig, check_config, fit_to_data,
                   micro_batch_size, parse_args, resolve_config, rows_per_epoch)
-from evaluate import (Logger, check_out_folder, checkpoints_in, find_checkpoint, flops_per_sample, format_time,
-                      load_weights, lock_folder, make_folder, matmul_peak, peak_memory, prune_checkpoints,
-                      save_checkpoint, setup_runtime, synchronize)
+from evaluate import (Logger, check_out_folder, checkpoints_in, find_checkpoint, flops_per_sample,
+                      format_time, load_weights, lock_folder, make_folder, matmul_peak, peak_memory,
+                      prune_checkpoints, save_checkpoint, setup_runtime, synchronize)
 from model import TRM, TRMConfig
 
 
@@ -210,7 +210,8 @@ def update(optimizer, model, ema_params, result, step, tcfg):
 
 def train(tcfg, mcfg, resume_state=None):
     """The paper's training loop (module docstring), one optimizer step per supervision step of every slot."""
-    with StopRequest() as stop, Run.start(tcfg, mcfg, resume_state) as run:   # SIGINT/SIGTERM; data, model, EMA
+    # Ctrl-C and SIGTERM stop at a step boundary; Run holds the data, model, EMA, optimizer and the out folder
+    with StopRequest() as stop, Run.start(tcfg, mcfg, resume_state) as run:
         model, N_sup = run.model, run.mcfg.N_sup
         step_fn = torch.compile(supervision_step) if run.compile_on else supervision_step
         model.train()
@@ -229,9 +230,7 @@ def train(tcfg, mcfg, resume_state=None):
                 run.skip_nonfinite()                   # or StopTraining, past --skip-nonfinite steps
                 continue
             update(run.optimizer, model, run.ema_model.parameters(), result, run.step, tcfg)
-            if not all_finite(*run.params, *run.ema_model.parameters(), model.puzzle_emb[result.puzzle_ids]):
-                raise StopTraining(f"step {run.step + 1} made the weights non-finite (learning rate {lr:g}), so "
-                                   f"training stopped; the last checkpoint, {run.last_ckpt or 'none yet'}, is intact")
+            run.stop_if_weights_nonfinite(result.puzzle_ids, lr)
             run.step += 1
             run.carry = result.carry
             run.replace_old_run()                      # --overwrite: the old run goes once a step has worked
@@ -249,8 +248,8 @@ def train(tcfg, mcfg, resume_state=None):
 
 
 class StopRequest:
-    """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the step in flight and save a checkpoint; the same
-    signal again abandons the step at once (KeyboardInterrupt)."""
+    """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the step in flight and save a checkpoint; the
+    same signal again abandons the step at once (KeyboardInterrupt)."""
 
     def __enter__(self):
         self.signum = None
@@ -291,7 +290,8 @@ class Interrupted(Exception):
 @dataclass
 class Run:
     """Everything a training run holds besides the loop itself: built by `start`, saved by `save`, and a
-    context that gives its output folder back (lock released, nothing left behind by a run that never stepped)."""
+    context that gives its output folder back (lock released, no empty folder left by a run that never
+    stepped)."""
     tcfg: TrainConfig
     mcfg: TRMConfig
     task: object
@@ -381,7 +381,7 @@ class Run:
         return run
 
     def claim_out(self):
-        """Make and lock the output folder, clean what a killed run left, and note what --overwrite replaces."""
+        """Make and lock the output folder, clean what a killed run left, note what --overwrite replaces."""
         out = self.tcfg.out
         self.made_out = make_folder(out)
         self.lock, note = lock_folder(out)
@@ -402,7 +402,8 @@ class Run:
         for path in self.old_run or ():
             os.remove(path)
         if self.old_run:
-            self.log(f"--overwrite: removed the {len(self.old_run)} files of the previous run in {self.tcfg.out}")
+            self.log(f"--overwrite: removed the {len(self.old_run)} files of the previous run in "
+                     f"{self.tcfg.out}")
         self.old_run = None
 
     def __enter__(self):
@@ -446,6 +447,13 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         self.carry = None    # the states in flight may be non-finite too: refill every slot
 
+    def stop_if_weights_nonfinite(self, puzzle_ids, lr):
+        """After an update: NaN or inf weights, EMA or puzzle-embedding rows stop the run before a save."""
+        if not all_finite(*self.params, *self.ema_model.parameters(), self.model.puzzle_emb[puzzle_ids]):
+            raise StopTraining(f"step {self.step + 1} made the weights non-finite (learning rate {lr:g}), so "
+                               f"training stopped; the last checkpoint, {self.last_ckpt or 'none yet'}, "
+                               f"is intact")
+
     def log_step(self, stats, lr):
         """Sum the step's statistics; print them every log_interval seconds (the only host sync for logs)."""
         self.sums = stats if self.sums is None else {k: self.sums[k] + v for k, v in stats.items()}
@@ -480,7 +488,8 @@ class Run:
             return res
         scores, line = score(tcfg, preds, halt) if score else ({}, "")
         accuracy = (f"exact {last['exact']:.2%}, token {last['token']:.2%} on {last['scored']} held-out rows"
-                    if last["scored"] else f"unscored: none of the {last['count']} held-out rows has a known answer")
+                    if last["scored"] else
+                    f"unscored: none of the {last['count']} held-out rows has a known answer")
         self.log(f"eval step {self.step}: {accuracy} after {mcfg.N_sup} supervision steps (EMA weights)"
                  + (f"; {line}" if line else ""), kind="eval", step=self.step, per_step=res, **scores)
         return res
@@ -507,7 +516,7 @@ class Run:
 # ------------------------------------------------------------------------------------- command line
 
 def check_out_use(tcfg):
-    """A new run may not mix into a folder that holds another run's checkpoints unless told to replace them."""
+    """A new run may not mix into a folder holding another run's checkpoints unless told to replace them."""
     if not tcfg.resume and not tcfg.overwrite and checkpoints_in(tcfg.out):
         raise SettingsError(f"{tcfg.out} already holds a run; use --resume auto to continue it, "
                             f"--overwrite to replace it, or --out for a new folder")
@@ -539,8 +548,8 @@ def main(argv=None):
         print(e, file=sys.stderr)
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:
-        print("error: interrupted at once; the step in flight was abandoned, and the checkpoints already written "
-              "are intact", file=sys.stderr)
+        print("error: interrupted at once; the step in flight was abandoned, and the checkpoints already "
+              "written are intact", file=sys.stderr)
         sys.exit(130)
     except OSError as e:          # a full disk while logging, say
         print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
