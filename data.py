@@ -376,7 +376,7 @@ class TrainConfig:
     halt_exploration_prob: float = 0.1
     # running
     eval_interval: int = 2000            # steps; 0 evaluates only at the end
-    eval_limit: int = 1000               # held-out puzzles (arc: tasks) per periodic evaluation
+    eval_limit: int = 1000               # held-out puzzles (arc: tasks) per periodic evaluation, 0 = all
     checkpoint_interval: int = 2000
     log_interval: float = 5.0            # seconds between log lines
     dtype: str = "auto"                  # bfloat16 on CUDA, float32 elsewhere
@@ -391,11 +391,18 @@ class TrainConfig:
     bench_steps: int = 5                 # timed steps per variant, after 2 warm-up steps
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a flag it cannot read (--lr abc, an unknown --flag) as one sentence, not the usage text."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see --help\n")
+
+
 def parse_args(argv, description=None):
     """train.py's command line: every field of TrainConfig and TRMConfig becomes a --flag; only the flags
     actually given are returned, so that a preset fills the rest."""
     from model import TRMConfig
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for cls in (TrainConfig, TRMConfig):
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
@@ -461,7 +468,8 @@ def check_config(tcfg, mcfg):
           "num_puzzle_ids", "bench_steps"), lambda v: v >= 1, "a whole number of at least 1"),
         (("max_steps", "epochs", "skip_nonfinite", "num_aug", "micro_batch", "threads", "seed", "data_seed",
           "train_puzzles", "test_puzzles", "warmup_steps", "eval_interval", "eval_limit", "checkpoint_interval",
-          "puzzle_emb_len"), lambda v: v >= 0, "a whole number of at least 0"),
+          "puzzle_emb_len", "min_path", "difficulty"), lambda v: v >= 0, "a whole number of at least 0"),
+        (("size",), lambda v: 2 <= v <= 30, "a side of 2 to 30 cells (ARC grids are at most 30x30)"),
         # above 1 is a typo (1e4 for 1e-4), and near float32's limit AdamW fails converting its step size
         (("lr", "puzzle_emb_lr"), lambda v: 0 < v <= 1, "a positive learning rate, at most 1"),
         (("expansion", "rope_theta", "rms_eps"), lambda v: finite(v) and v > 0, "a positive number"),
@@ -480,6 +488,11 @@ def check_config(tcfg, mcfg):
         raise SettingsError(f"--batch-size {tcfg.batch_size} is larger than the "
                             f"{tcfg.train_puzzles * (tcfg.num_aug + 1)} training rows "
                             f"({tcfg.train_puzzles} puzzles x {tcfg.num_aug + 1} versions)")
+    if round(mcfg.expansion * min(mcfg.d_model, mcfg.puzzle_emb_len + mcfg.seq_len) * 2 / 3) < 1:
+        raise SettingsError(f"--expansion {mcfg.expansion} leaves the SwiGLU no hidden channels; expected a larger "
+                            f"factor (the paper's is 4)")
+    if tcfg.resume and tcfg.overwrite:
+        raise SettingsError("--resume continues the run in --out and --overwrite replaces it; expected one of them")
     if mcfg.d_model % mcfg.n_heads:
         raise SettingsError(f"--d-model {mcfg.d_model} is not divisible by --n-heads {mcfg.n_heads}")
     if mcfg.rope and not mcfg.mlp_t and mcfg.d_model // mcfg.n_heads % 2:

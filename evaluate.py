@@ -3,20 +3,20 @@
     python evaluate.py --checkpoint out/sudoku-cpu/ckpt_00004000.pt [--steps 32] [--limit 1000]
     python evaluate.py --checkpoint CKPT --solve "<81 characters>"
 """
-import argparse
 import dataclasses
 import glob
 import importlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 
 import numpy as np
 import torch
 
-from data import (Dataset, DataError, Ranks, SettingsError, TrainConfig, check_config, config_from, eval_rows,
+from data import (ArgumentParser, Dataset, DataError, Ranks, SettingsError, TrainConfig, check_config, config_from, eval_rows,
                   resolve_config, shown, to_device)
 from model import TRM, SwiGLU, TRMConfig, from_reference_state_dict
 
@@ -49,8 +49,19 @@ class Logger:
             print(line, flush=True)
         if self.path and record:
             self.file = self.file or open(self.path, "a")
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(json.dumps(null_for_nan(record)) + "\n")
             self.file.flush()
+
+
+def null_for_nan(value):
+    """A record with NaN (an unscored accuracy) as null: json.dumps would write NaN, which is not JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: null_for_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [null_for_nan(v) for v in value]
+    return value
 
 
 def format_time(seconds):
@@ -341,8 +352,8 @@ def setup_runtime(tcfg):
     # MPS is untested here (no Mac): float32 unless --dtype bfloat16 asks for autocast there.
     dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     compile_on = tcfg.compile == "on" or (tcfg.compile == "auto" and device.type == "cuda")
-    if tcfg.threads:
-        torch.set_num_threads(tcfg.threads)
+    if tcfg.threads:       # capped at the machine's: a checkpoint may come from a bigger one, and 10^5 crashes torch
+        torch.set_num_threads(min(tcfg.threads, os.cpu_count() or 1))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     # bf16 forward with float32 master weights: autocast casts each weight once per region.
@@ -350,10 +361,21 @@ def setup_runtime(tcfg):
     return device, dtype, compile_on, autocast
 
 
+def out_of_memory(e, settings):
+    """End a run that could not allocate memory in one sentence naming the settings that size it, exit 2; any
+    other RuntimeError is a bug and keeps its traceback."""
+    text = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+    if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "allocate" in text):
+        raise e
+    print(f"error: out of memory ({shown(text, 100)}); expected smaller settings: {settings}", file=sys.stderr)
+    sys.exit(2)
+
+
 def read_torch_file(path):
     """torch.load of a checkpoint file, with a missing or unreadable file as one sentence."""
     if not os.path.isfile(path):
-        raise DataError(f"checkpoint {path} does not exist")
+        raise DataError(f"checkpoint {path} is a folder; expected a checkpoint file" if os.path.isdir(path) else
+                        f"checkpoint {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -372,6 +394,12 @@ def load_checkpoint(path, state=None):
         check_config(tcfg, mcfg)
     except SettingsError as e:
         raise DataError(f"checkpoint {path} holds settings that cannot work: {e}") from None
+    for part in ("model", "ema"):
+        bad = next((k for k, v in state.get(part, {}).items() if torch.is_tensor(v) and v.is_floating_point()
+                    and not torch.isfinite(v).all()), None)
+        if bad:
+            raise DataError(f"checkpoint {path} has non-finite {part} weights ({bad}); expected a checkpoint "
+                            f"saved before training diverged")
     return state
 
 
@@ -594,7 +622,7 @@ def positive_ints(text, flag):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a TRM checkpoint after every supervision step.")
+    p = ArgumentParser(description="Evaluate a TRM checkpoint after every supervision step.")
     p.add_argument("--checkpoint", required=True, help="our ckpt_*.pt, or a reference state_dict")
     p.add_argument("--task", default=None, help="for a reference checkpoint: sudoku, maze or arc")
     p.add_argument("--steps", default=None,
@@ -622,6 +650,7 @@ def main(argv=None):
                    help="the selection drawn in the picture and named best (all are printed)")
     g.add_argument("--seed", type=int, default=0, help="seed of the start states and the noise")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)   # SIGTERM ends like Ctrl-C: one line, exit 130
     try:
         run(args)
     except (DataError, SettingsError) as e:
@@ -631,8 +660,10 @@ def main(argv=None):
         print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("error: interrupted; the evaluation was abandoned", file=sys.stderr)
+        print("error: interrupted; the evaluation was abandoned and nothing was written", file=sys.stderr)
         sys.exit(130)
+    except (MemoryError, RuntimeError) as e:
+        out_of_memory(e, "--batch-size, --breadth or --steps")
 
 
 def run(args):
@@ -644,7 +675,8 @@ def run(args):
     model, tcfg_dict, mcfg = load_for_eval(args.checkpoint, args.task)
     if args.task and args.task != tcfg_dict["task"]:
         raise SettingsError(f"--task {args.task}: checkpoint {args.checkpoint} was trained on {tcfg_dict['task']}")
-    tcfg = TrainConfig(**{**tcfg_dict, "dtype": args.dtype, **({"data": args.data} if args.data else {})})
+    # the best device of this machine, whichever the checkpoint was trained on
+    tcfg = TrainConfig(**{**tcfg_dict, "dtype": args.dtype, "device": "auto", **({"data": args.data} if args.data else {})})
     task = importlib.import_module(tcfg.task)
     device, _, _, autocast = setup_runtime(tcfg)
     model.to(device)
@@ -653,20 +685,21 @@ def run(args):
     N = steps[-1]
     if not 0 < args.halt_threshold < 1:
         raise SettingsError(f"--halt-threshold is {args.halt_threshold}; expected a probability between 0 and 1")
-    if args.limit < 0 or (args.batch_size or 1) < 1:
-        raise SettingsError("--limit and --batch-size must be positive whole numbers")
+    for flag, value, least in (("--limit", args.limit, 0), ("--batch-size", args.batch_size or 1, 1), ("--seed", args.seed, 0)):
+        if value < least:
+            raise SettingsError(f"{flag} is {value}; expected a whole number of at least {least}")
     if len(steps) > 1 and args.breadth is None:
         raise SettingsError(f"--steps {args.steps} is a list, and a list of steps needs --breadth (e.g. --breadth 1)")
-    if args.noise < 0 or not math.isfinite(args.noise) or args.seed < 0:
-        raise SettingsError(f"--noise {args.noise} and --seed {args.seed} must be finite and not negative")
+    if args.noise < 0 or not math.isfinite(args.noise):
+        raise SettingsError(f"--noise is {args.noise}; expected a finite standard deviation of at least 0")
 
     if args.solve is not None:
         if not hasattr(task, "parse_solve"):
             raise SettingsError(f"--solve is not available for {tcfg.task}: the model only knows the tasks it was trained on")
         inputs, labels = task.parse_solve(args.solve, mcfg)
-        make_folder(out)
         ds = Dataset.ungrouped(inputs, labels, mcfg.vocab_size)
         res = evaluate(model, ds, N, 1, device, autocast, keep=range(1, N + 1))
+        make_folder(out)     # only now: an evaluation that fails or is interrupted leaves no folder
         answers = [r["preds"][0] for r in res]
         print(task.describe_solution(inputs, answers[-1]))
         path = task.draw_steps(inputs, labels, answers, os.path.join(out, f"{tcfg.task}_solve.png"))
@@ -674,7 +707,6 @@ def run(args):
         return
 
     _, test_ds = task.build_datasets(tcfg, splits=("test",))
-    make_folder(out)
     if args.breadth is not None:
         return run_breadth(args, model, mcfg, tcfg, task, test_ds, steps, device, autocast, ranks, out)
     score = getattr(task, "score", None)
@@ -684,6 +716,7 @@ def run(args):
                                              limit=args.limit or None, ranks=ranks, threshold=args.halt_threshold)
     if not ranks.main:     # the others only took part in the evaluations
         return
+    make_folder(out)
     has_valid = "valid" in res[0]
     print(f"{res[0]['count']} test rows, {N} supervision steps (trained with N_sup {mcfg.N_sup})"
           + (f"; {res[0]['scored']} rows have a known answer, and only those are scored"
@@ -715,6 +748,7 @@ def run_breadth(args, model, mcfg, tcfg, task, test_ds, steps, device, autocast,
         threshold=threshold, keep=score is not None, ranks=ranks)
     if not ranks.main:
         return
+    make_folder(out)
     count, per_step = results[steps[0], breadths[0]]["count"], mcfg.T * (mcfg.n + 1)
     print(f"{count} test rows x up to {breadths[-1]} trajectories: init {args.init}, noise {args.noise} on z"
           + (" and y" if args.noise_y else "") + f", seed {args.seed}"

@@ -102,7 +102,7 @@ def read_csv(path, size=30):
                     rating = float(row[3])
                 except ValueError:
                     rating = math.nan
-                if not rating.is_integer():
+                if not (rating.is_integer() and abs(rating) < 2 ** 63):
                     raise DataError(f"{path} line {line}: the rating {shown(row[3])} is not an integer")
                 lines.append(line)
                 questions.append(row[1])
@@ -136,6 +136,9 @@ def read_csv(path, size=30):
         fail(changed.any(1), lambda i: f"the answer differs from the question at {_cell(np.argmax(changed[i]), size)} "
                                        f"({questions[i][np.argmax(changed[i])]!r} became "
                                        f"{answers[i][np.argmax(changed[i])]!r}); expected only ' ' to become 'o'")
+    is_path, _ = check_paths(q, a)
+    if not is_path.all():
+        fail(~is_path, lambda i: "the answer's 'o' cells do not form one path from S to G")
     return q, a, np.array(ratings, np.int64)
 
 

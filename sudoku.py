@@ -112,9 +112,16 @@ def read_csv(path):
         k, cell = np.argwhere(clash)[0]
         raise DataError(f"{path} line {k + 2} has an answer with {answers[k, cell]} at position {cell + 1} where "
                         f"the question gives {questions[k, cell]}; expected the answer to keep every given")
+    broken = ~valid_solutions(questions, answers)
+    if broken.any():
+        k = int(np.argmax(broken))
+        raise DataError(f"{path} line {k + 2} has an answer that breaks the rules (a digit twice in a row, "
+                        f"column or box); expected a solved grid")
     ratings = cells[3::4]
-    if not all(map(bytes.isdigit, ratings)):
-        k = next(k for k, r in enumerate(ratings) if not r.isdigit())
+    def integer(r):
+        return r.isdigit() and len(r) <= 18      # fits int64
+    if not all(map(integer, ratings)):
+        k = next(k for k, r in enumerate(ratings) if not integer(r))
         raise DataError(f"{path} line {k + 2} has the rating {shown(ratings[k])}; "
                         f"expected a non-negative integer")
     return questions, answers, np.array(ratings).astype(np.int64)

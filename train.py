@@ -37,7 +37,7 @@ import evaluate
 from data import (Batches, DataError, Ranks, SettingsError, TrainConfig, check_config, fit_to_data,
                   micro_batch_size, parse_args, resolve_config, rows_per_epoch)
 from evaluate import (Logger, check_out_folder, checkpoints_in, find_checkpoint, flops_per_sample,
-                      format_time, load_weights, lock_folder, make_folder, matmul_peak, peak_memory,
+                      format_time, load_weights, lock_folder, make_folder, matmul_peak, out_of_memory, peak_memory,
                       prune_checkpoints, save_checkpoint, setup_runtime, synchronize)
 from model import TRM, TRMConfig
 
@@ -210,8 +210,8 @@ def update(optimizer, model, ema_params, result, step, tcfg):
 
 def train(tcfg, mcfg, resume_state=None):
     """The paper's training loop (module docstring), one optimizer step per supervision step of every slot."""
-    # Ctrl-C and SIGTERM stop at a step boundary; Run holds the data, model, EMA, optimizer and the out folder
-    with StopRequest() as stop, Run.start(tcfg, mcfg, resume_state) as run:
+    # Run holds the data, model, EMA, optimizer and the out folder; Ctrl-C and SIGTERM stop at a step boundary
+    with Run.start(tcfg, mcfg, resume_state) as run, StopRequest() as stop:
         model, N_sup = run.model, run.mcfg.N_sup
         step_fn = torch.compile(supervision_step) if run.compile_on else supervision_step
         model.train()
@@ -374,6 +374,9 @@ class Run:
                   good={tcfg.resume} if tcfg.resume else set())
         if resume_state is not None:
             run.restore(resume_state)
+            if run.step >= total_steps:
+                raise SettingsError(f"checkpoint {tcfg.resume} is at step {run.step} of a {total_steps}-step run, "
+                                    f"so nothing is left to train; expected a larger --max-steps")
         if ranks.main:
             run.claim_out()
         run.t0 = run.last_log = time.time()
@@ -479,7 +482,7 @@ class Run:
         """Held-out accuracy of the EMA weights after N_sup steps; ARC also votes and scores pass@k."""
         tcfg, mcfg, score = self.tcfg, self.mcfg, getattr(self.task, "score", None)
         res = evaluate.evaluate(self.ema_model, self.test_ds, mcfg.N_sup, tcfg.batch_size // self.ranks.world,
-                                self.device, self.autocast, limit=tcfg.eval_limit,
+                                self.device, self.autocast, limit=tcfg.eval_limit or None,
                                 check=getattr(self.task, "check", None), keep=(mcfg.N_sup,) if score else (),
                                 ranks=self.ranks)
         last = res[-1]
@@ -516,8 +519,12 @@ class Run:
 # ------------------------------------------------------------------------------------- command line
 
 def check_out_use(tcfg):
-    """A new run may not mix into a folder holding another run's checkpoints unless told to replace them."""
-    if not tcfg.resume and not tcfg.overwrite and checkpoints_in(tcfg.out):
+    """A run may not mix into a folder holding another run's checkpoints unless told to replace them; a run
+    resumed from a checkpoint elsewhere counts as another run."""
+    theirs = checkpoints_in(tcfg.out)
+    if tcfg.resume and os.path.abspath(tcfg.resume) in map(os.path.abspath, theirs):
+        return
+    if theirs and not tcfg.overwrite:
         raise SettingsError(f"{tcfg.out} already holds a run; use --resume auto to continue it, "
                             f"--overwrite to replace it, or --out for a new folder")
 
@@ -554,6 +561,8 @@ def main(argv=None):
     except OSError as e:          # a full disk while logging, say
         print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (MemoryError, RuntimeError) as e:
+        out_of_memory(e, "--batch-size, --micro-batch, --d-model, --puzzle-emb-len or --num-aug")
 
 
 # ---------------------------------------------------------------------------------------------- bench
