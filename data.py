@@ -374,6 +374,12 @@ class TrainConfig:
     epochs: int = 50000
     max_steps: int = 0                   # 0: epochs * train puzzles / batch_size, as the reference counts
     halt_exploration_prob: float = 0.1
+    # training-time depth (train.depth_at); evaluation always uses the model's n, T, N_sup
+    depth_schedule: str = "fixed"        # fixed, curriculum (CGAR's three stages) or random (per optimizer step)
+    curriculum_stages: str = "0.3,0.6"   # fractions of the run where the curriculum's stages 2 and 3 begin
+    depth_width: int = 1                 # random: n and T drawn uniformly from value +- width
+    random_n_sup: bool = False           # random: draw N_sup as well
+    supervision_decay: float = 1.0       # CGAR's loss weight lambda^(k-1) for supervision step k; 1 = off
     # running
     eval_interval: int = 2000            # steps; 0 evaluates only at the end
     eval_limit: int = 1000               # held-out puzzles (arc: tasks) per periodic evaluation, 0 = all
@@ -499,10 +505,31 @@ def check_config(tcfg, mcfg):
         raise SettingsError(f"--d-model {mcfg.d_model} over --n-heads {mcfg.n_heads} gives heads of "
                             f"{mcfg.d_model // mcfg.n_heads} channels; RoPE rotates channel pairs, so expected an "
                             f"even head size")
-    for name, value, allowed in (("dtype", tcfg.dtype, ("auto", "float32", "bfloat16")),
+    if not 0 < tcfg.supervision_decay <= 1:
+        raise SettingsError(f"--supervision-decay is {tcfg.supervision_decay}; expected a factor in (0, 1]")
+    curriculum_stages(tcfg)
+    if tcfg.depth_schedule == "random":
+        least = min(mcfg.n, mcfg.T, mcfg.N_sup if tcfg.random_n_sup else mcfg.n)
+        if not 1 <= tcfg.depth_width < least:
+            raise SettingsError(f"--depth-width is {tcfg.depth_width}; random depth draws n and T from value +- width "
+                                f"and each must stay at least 1, so expected 1 to {least - 1}")
+    for name, value, allowed in (("depth-schedule", tcfg.depth_schedule, ("fixed", "curriculum", "random")),
+                                 ("dtype", tcfg.dtype, ("auto", "float32", "bfloat16")),
                                  ("compile", tcfg.compile, ("auto", "on", "off"))):
         if value not in allowed:
             raise SettingsError(f"--{name} is {value!r}; expected {', '.join(allowed[:-1])} or {allowed[-1]}")
+
+
+def curriculum_stages(tcfg):
+    """--curriculum-stages as two fractions 0 < a < b < 1."""
+    try:
+        a, b = (float(v) for v in tcfg.curriculum_stages.split(","))
+    except ValueError:
+        a = b = -1.0
+    if not 0 < a < b < 1:
+        raise SettingsError(f"--curriculum-stages is {shown(tcfg.curriculum_stages)}; expected two fractions such as "
+                            f"0.3,0.6, where the second and third stages begin")
+    return a, b
 
 
 def fit_to_data(mcfg, ds, fresh):

@@ -328,6 +328,32 @@ def plot(results, path, title):
     return save_figure(fig, ax, title, path)
 
 
+def plot_curves(metrics, path, title):
+    """curves.png beside metrics.jsonl, redrawn at every evaluation so a learner can watch a run without other
+    tools: training loss, training exact and mean halting steps (of the puzzles that halted), held-out exact."""
+    from matplotlib.figure import Figure   # a bare Figure draws with Agg and leaves pyplot's state alone
+    with open(metrics) as f:
+        records = [json.loads(line) for line in f]
+    train = [r for r in records if r.get("kind") == "train"]
+    held = [dict(step=r["step"], exact=r["per_step"][-1]["exact"]) for r in records if r.get("kind") == "eval"]
+    fig = Figure(figsize=(13, 3.2))
+    for i, (name, rows, key) in enumerate((("training loss (CE)", train, "lm_loss"),
+                                           ("training exact (%)", train, "exact"),
+                                           ("mean halting steps", train, "mean_halt_steps"),
+                                           ("held-out exact (%, EMA)", held, "exact"))):
+        ax = fig.add_subplot(1, 4, i + 1)
+        scale = 100 if key == "exact" else 1
+        ax.plot([r["step"] for r in rows], [scale * (math.nan if r[key] is None else r[key]) for r in rows],
+                marker="o" if rows is held else None)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return path
+
+
 # ------------------------------------------------------------------------ devices and checkpoints
 
 def setup_runtime(tcfg):

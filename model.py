@@ -191,13 +191,14 @@ class TRM(nn.Module):
         # output_head drops the P prefix positions; Q_head reads the first prefix position.
         return (y.detach(), z.detach()), self.output_head(y)[:, self.cfg.puzzle_emb_len:], self.Q_head(y[:, 0])
 
-    def forward(self, inputs, puzzle_rows, y, z):
-        """One supervision step: logits [B, L, V] and the halt logit [B] (float32), plus the next (y, z)."""
+    def forward(self, inputs, puzzle_rows, y, z, n=None, T=None):
+        """One supervision step: logits [B, L, V] and the halt logit [B] (float32), plus the next (y, z).
+        n and T default to the config's; training-time depth schedules pass their own (train.depth_at)."""
         if inputs.shape[1] != self.cfg.seq_len:
             raise ValueError(f"this model was built for puzzles of {self.cfg.seq_len} tokens, "
                              f"got {inputs.shape[1]}; train a model for this size")
         x = self.embed_input(inputs, puzzle_rows)
-        (y, z), logits, q = self.deep_recursion(x, y, z, self.cfg.n, self.cfg.T)
+        (y, z), logits, q = self.deep_recursion(x, y, z, n or self.cfg.n, T or self.cfg.T)
         return (y, z), logits, q[:, 0].float()     # only the halt logit is used (Q_head's second output is not)
 
 

@@ -24,21 +24,24 @@ import dataclasses
 import glob
 import importlib
 import json
+import math
 import os
 import signal
 import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import evaluate
-from data import (Batches, DataError, Ranks, SettingsError, TrainConfig, check_config, fit_to_data,
-                  micro_batch_size, parse_args, resolve_config, rows_per_epoch)
+from data import (Batches, DataError, Ranks, SettingsError, TrainConfig, check_config, curriculum_stages,
+                  fit_to_data, micro_batch_size, parse_args, resolve_config, rows_per_epoch)
 from evaluate import (Logger, check_out_folder, checkpoints_in, find_checkpoint, flops_per_sample,
-                      format_time, load_weights, lock_folder, make_folder, matmul_peak, out_of_memory, peak_memory,
-                      prune_checkpoints, save_checkpoint, setup_runtime, synchronize)
+                      format_time, load_weights, lock_folder, make_folder, matmul_peak, out_of_memory,
+                      peak_memory, plot_curves, prune_checkpoints, save_checkpoint, setup_runtime,
+                      synchronize)
 from model import TRM, TRMConfig
 
 
@@ -59,16 +62,19 @@ def stablemax_cross_entropy(logits, labels, mask):
     return -torch.where(mask, picked, 0)
 
 
-def deep_supervision_loss(logits, q_halt, labels):
-    """Per sample: mean stablemax CE over its labelled tokens + 0.5 * BCE(halt logit, answer exactly right).
-    Returns the batch sums (the trainer divides by the global batch size) and the exactness per sample."""
+def deep_supervision_loss(logits, q_halt, labels, weights=None):
+    """Per sample: mean stablemax CE over its labelled tokens + 0.5 * BCE(halt logit, answer exactly right),
+    times its weight (CGAR's decay, [B]; none: 1). Returns the batch sums (the trainer divides by the global
+    batch size; the two parts unweighted, for the log) and the exactness per sample."""
     mask = labels != 0
     counts = mask.sum(-1).clamp_min(1)
     with torch.no_grad():
         correct = ((logits.argmax(-1) == labels) | ~mask).all(-1)          # whole answer exact [B]
-    lm_loss = (stablemax_cross_entropy(logits, labels, mask).sum(-1) / counts).sum()   # softmax_cross_entropy
-    halt_loss = F.binary_cross_entropy_with_logits(q_halt, correct.to(q_halt.dtype), reduction="sum")
-    return lm_loss + 0.5 * halt_loss, lm_loss.detach(), halt_loss.detach(), correct
+    lm = stablemax_cross_entropy(logits, labels, mask).sum(-1) / counts              # softmax_cross_entropy
+    halt = F.binary_cross_entropy_with_logits(q_halt, correct.to(q_halt.dtype), reduction="none")
+    lm_loss, halt_loss = lm.sum(), halt.sum()
+    total = lm_loss + 0.5 * halt_loss if weights is None else ((lm + 0.5 * halt) * weights).sum()
+    return total, lm_loss.detach(), halt_loss.detach(), correct
 
 
 # ---------------------------------------------------------------------------------- deep supervision
@@ -113,19 +119,21 @@ class StepResult:
     puzzle_grad: torch.Tensor = None  # [B, D] their gradient, once backward has run (accumulated_step)
 
 
-def supervision_step(model, carry, min_steps, autocast):
+def supervision_step(model, carry, min_steps, autocast, depth=None, decay=1.0):
     """One pass of the paper's `for step in range(N_sup)` body for every slot: deep_recursion, the loss, and
     `if q_hat > 0: break` (a halted slot is refilled before the next step). min_steps [B]: the exploration's
-    least steps per slot. This is the function torch.compile compiles."""
+    least steps per slot; depth: this step's (n, T, N_sup) (default the config's, see `depth_at`); decay:
+    CGAR's lambda, supervision step k of a slot weighted lambda^(k-1). torch.compile compiles this."""
+    n, T, N_sup = depth or (model.cfg.n, model.cfg.T, model.cfg.N_sup)
     # The batch's rows of the puzzle-embedding table as a leaf, so backward gives exactly their gradient.
     puzzle_rows = model.puzzle_emb[carry["puzzle_ids"]].requires_grad_(model.training)
     with autocast:
-        (y, z), logits, q_halt = model(carry["inputs"], puzzle_rows, carry["y"], carry["z"])
-    loss, lm_loss, halt_loss, correct = deep_supervision_loss(logits, q_halt, carry["labels"])
+        (y, z), logits, q_halt = model(carry["inputs"], puzzle_rows, carry["y"], carry["z"], n, T)
+    weights = decay ** carry["steps"].double() if decay != 1.0 else None     # carry's steps are k - 1
+    loss, lm_loss, halt_loss, correct = deep_supervision_loss(logits, q_halt, carry["labels"], weights)
 
     with torch.no_grad():
         steps = carry["steps"] + 1
-        N_sup = model.cfg.N_sup
         halted = steps >= N_sup
         if model.training and N_sup > 1:
             halted = halted | (q_halt > 0)      # the paper's "if q_hat > 0: break"
@@ -136,14 +144,14 @@ def supervision_step(model, carry, min_steps, autocast):
     return StepResult(loss, new_carry, stats, carry["puzzle_ids"], puzzle_rows)
 
 
-def accumulated_step(step_fn, model, carry, min_steps, micro, global_batch, autocast):
+def accumulated_step(step_fn, model, carry, min_steps, micro, global_batch, autocast, depth=None, decay=1.0):
     """Forward and `loss.backward()` of one optimizer step over this process's rows, `micro` rows at a time.
     The loss is a sum over samples divided by the global batch size, so the accumulated gradients (summed
     over ranks when there are several) are the whole batch's."""
     parts = []
     for i in range(0, len(min_steps), micro):
         rows = slice(i, i + micro)
-        part = step_fn(model, {k: v[rows] for k, v in carry.items()}, min_steps[rows], autocast)
+        part = step_fn(model, {k: v[rows] for k, v in carry.items()}, min_steps[rows], autocast, depth, decay)
         (part.loss / global_batch).backward()
         parts.append(dataclasses.replace(part, loss=part.loss.detach(), puzzle_grad=part.puzzle_rows.grad))
     if len(parts) == 1:
@@ -181,6 +189,24 @@ def all_finite(*tensors):
     return bool(torch.isfinite(torch.stack([t.detach().float().sum() for t in tensors]).sum()))
 
 
+def depth_at(step, total, tcfg, mcfg):
+    """(n, T, N_sup) for optimizer step `step` of `total` under --depth-schedule (evaluation always uses the
+    config's). fixed: the config's. curriculum (CGAR, arXiv 2511.08653): (ceil(n/3), ceil(T/3)) until the
+    first --curriculum-stages fraction, (ceil(2n/3), ceil(2T/3)) until the second, then (n, T). random: n and
+    T (and N_sup with --random-n-sup) each drawn uniformly from value +- --depth-width, so the expected
+    compute is the fixed run's; the draw depends on the seed and the step only, so every torchrun rank and a
+    resumed run draw the same."""
+    n, T, N_sup = mcfg.n, mcfg.T, mcfg.N_sup
+    if tcfg.depth_schedule == "curriculum":
+        stage = 1 + sum(step >= f * total for f in curriculum_stages(tcfg))
+        return math.ceil(stage * n / 3), math.ceil(stage * T / 3), N_sup
+    if tcfg.depth_schedule == "random":
+        w, rng = tcfg.depth_width, np.random.default_rng([tcfg.seed, step])
+        n, T, N = (v + int(d) for v, d in zip((n, T, N_sup), rng.integers(-w, w + 1, 3)))
+        return n, T, N if tcfg.random_n_sup else N_sup
+    return n, T, N_sup
+
+
 def lr_at(step, cfg, base):
     """Linear warmup, then constant (the reference's schedule with its minimum ratio 1)."""
     return base * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
@@ -212,7 +238,7 @@ def train(tcfg, mcfg, resume_state=None):
     """The paper's training loop (module docstring), one optimizer step per supervision step of every slot."""
     # Run holds the data, model, EMA, optimizer and the out folder; Ctrl-C and SIGTERM stop at a step boundary
     with Run.start(tcfg, mcfg, resume_state) as run, StopRequest() as stop:
-        model, N_sup = run.model, run.mcfg.N_sup
+        model = run.model
         step_fn = torch.compile(supervision_step) if run.compile_on else supervision_step
         model.train()
         while run.step < run.total_steps and not stop.agreed(run.ranks, run.device):
@@ -221,9 +247,11 @@ def train(tcfg, mcfg, resume_state=None):
             lr = lr_at(run.step, tcfg, tcfg.lr)
             for g in run.optimizer.param_groups:
                 g["lr"] = lr
-            min_steps = exploration_min_steps(tcfg.batch_size, N_sup, tcfg.halt_exploration_prob, run.device)
+            depth = depth_at(run.step, run.total_steps, tcfg, run.mcfg)     # (n, T, N_sup) of this step
+            min_steps = exploration_min_steps(tcfg.batch_size, depth[2], tcfg.halt_exploration_prob,
+                                              run.device)
             result = accumulated_step(step_fn, model, carry, min_steps[run.mine], run.micro, tcfg.batch_size,
-                                      run.autocast)
+                                      run.autocast, depth, tcfg.supervision_decay)
             result = all_reduce_step(run.ranks, run.params, result)
             grads = [p.grad for p in run.params if p.grad is not None]
             if not all_finite(result.loss, result.puzzle_grad, *grads):
@@ -234,7 +262,7 @@ def train(tcfg, mcfg, resume_state=None):
             run.step += 1
             run.carry = result.carry
             run.replace_old_run()                      # --overwrite: the old run goes once a step has worked
-            run.log_step(result.stats, lr)
+            run.log_step(result.stats, lr, depth)
             if run.due(tcfg.eval_interval):
                 run.evaluate()
             if run.due(tcfg.checkpoint_interval):
@@ -320,6 +348,7 @@ class Run:
     made_out: bool = False        # whether this run made the output folder
     old_run: list = None          # files of the run that --overwrite replaces, removed after the first step
     good: set = None              # checkpoints known to load, for pruning
+    eval_seconds: float = 0.0     # spent in periodic evaluations, left out of train_seconds
 
     @property
     def params(self):
@@ -375,8 +404,8 @@ class Run:
         if resume_state is not None:
             run.restore(resume_state)
             if run.step >= total_steps:
-                raise SettingsError(f"checkpoint {tcfg.resume} is at step {run.step} of a {total_steps}-step run, "
-                                    f"so nothing is left to train; expected a larger --max-steps")
+                raise SettingsError(f"checkpoint {tcfg.resume} is at step {run.step} of a {total_steps}-step "
+                                    f"run, so nothing is left to train; expected a larger --max-steps")
         if ranks.main:
             run.claim_out()
         run.t0 = run.last_log = time.time()
@@ -457,7 +486,7 @@ class Run:
                                f"training stopped; the last checkpoint, {self.last_ckpt or 'none yet'}, "
                                f"is intact")
 
-    def log_step(self, stats, lr):
+    def log_step(self, stats, lr, depth):
         """Sum the step's statistics; print them every log_interval seconds (the only host sync for logs)."""
         self.sums = stats if self.sums is None else {k: self.sums[k] + v for k, v in stats.items()}
         self.steps_logged += 1
@@ -471,16 +500,25 @@ class Run:
         eta = (self.total_steps - self.step) * B / max(rate, 1e-9)
         r = dict(step=self.step, epoch=self.batches.epochs_done, lm_loss=s["lm_loss"] / per_sample,
                  halt_loss=s["halt_loss"] / per_sample, exact=s["exact"] / halted,
-                 mean_halt_steps=s["steps"] / halted, samples_per_s=rate, lr=lr, elapsed=now - self.t0)
+                 mean_halt_steps=s["steps"] / halted, samples_per_s=rate, lr=lr, elapsed=now - self.t0,
+                 train_seconds=self.train_seconds(now), n=depth[0], T=depth[1], N_sup=depth[2])
+        shown_depth = "" if self.tcfg.depth_schedule == "fixed" else f"n {depth[0]} T {depth[1]}" + (
+            f" N_sup {depth[2]}" if self.tcfg.random_n_sup else "") + " | "
         self.log(f"step {self.step}/{self.total_steps} epoch {r['epoch']:.1f} | loss {r['lm_loss']:.4f} "
                  f"halt {r['halt_loss']:.4f} | exact {r['exact']:.1%} steps {r['mean_halt_steps']:.1f} | "
+                 f"{shown_depth}"
                  f"{rate:,.{1 if rate < 10 else 0}f} samples/s | lr {lr:.2e} | ETA {format_time(eta)}"
                  + (f" | {self.skipped} non-finite steps skipped" if self.skipped else ""), kind="train", **r)
         self.sums, self.steps_logged, self.last_log = None, 0, now
 
+    def train_seconds(self, now):
+        """Seconds of training since the start, evaluations left out: the clock of time-to-accuracy."""
+        return now - self.t0 - self.eval_seconds
+
     def evaluate(self):
         """Held-out accuracy of the EMA weights after N_sup steps; ARC also votes and scores pass@k."""
         tcfg, mcfg, score = self.tcfg, self.mcfg, getattr(self.task, "score", None)
+        t = time.time()
         res = evaluate.evaluate(self.ema_model, self.test_ds, mcfg.N_sup, tcfg.batch_size // self.ranks.world,
                                 self.device, self.autocast, limit=tcfg.eval_limit or None,
                                 check=getattr(self.task, "check", None), keep=(mcfg.N_sup,) if score else (),
@@ -493,8 +531,11 @@ class Run:
         accuracy = (f"exact {last['exact']:.2%}, token {last['token']:.2%} on {last['scored']} held-out rows"
                     if last["scored"] else
                     f"unscored: none of the {last['count']} held-out rows has a known answer")
+        self.eval_seconds += time.time() - t
         self.log(f"eval step {self.step}: {accuracy} after {mcfg.N_sup} supervision steps (EMA weights)"
-                 + (f"; {line}" if line else ""), kind="eval", step=self.step, per_step=res, **scores)
+                 + (f"; {line}" if line else ""), kind="eval", step=self.step, per_step=res,
+                 train_seconds=self.train_seconds(time.time()), **scores)
+        plot_curves(self.log.path, os.path.join(tcfg.out, "curves.png"), f"{tcfg.task}/{tcfg.preset}")
         return res
 
     def save(self):
