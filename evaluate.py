@@ -354,6 +354,36 @@ def plot_curves(metrics, path, title):
     return path
 
 
+def plot_runs(folders, out):
+    """Time to accuracy: held-out exact accuracy against minutes of training (evaluations left out), one line
+    per run folder (its metrics.jsonl), for comparing settings such as depth schedules. Returns the path."""
+    from matplotlib.figure import Figure
+    check_out_folder(out)
+    lines = []
+    for folder in folders:
+        path = os.path.join(folder, "metrics.jsonl")
+        if not os.path.isfile(path):
+            raise DataError(f"{folder} holds no metrics.jsonl; expected a training run's output folder")
+        with open(path) as f:
+            evals = [r for r in map(json.loads, f) if r.get("kind") == "eval" and "train_seconds" in r]
+        lines.append((os.path.basename(os.path.normpath(folder)), evals))
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.add_subplot()
+    for name, evals in lines:
+        ax.plot([r["train_seconds"] / 60 for r in evals], [100 * (r["per_step"][-1]["exact"] or 0) for r in evals],
+                marker="o", label=name)
+    ax.set_xlabel("minutes of training (evaluations left out)")
+    ax.set_ylabel("held-out exact accuracy (%)")
+    ax.set_title("time to accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    make_folder(out)
+    path = os.path.join(out, "runs_time_to_accuracy.png")
+    fig.savefig(path, dpi=120)
+    return path
+
+
 # ------------------------------------------------------------------------ devices and checkpoints
 
 def setup_runtime(tcfg):
@@ -649,7 +679,9 @@ def positive_ints(text, flag):
 
 def main(argv=None):
     p = ArgumentParser(description="Evaluate a TRM checkpoint after every supervision step.")
-    p.add_argument("--checkpoint", required=True, help="our ckpt_*.pt, or a reference state_dict")
+    p.add_argument("--checkpoint", help="our ckpt_*.pt, or a reference state_dict")
+    p.add_argument("--runs", default=None, help="instead: training output folders, comma-separated; draws their "
+                   "held-out exact accuracy against training minutes into --out (runs_time_to_accuracy.png)")
     p.add_argument("--task", default=None, help="for a reference checkpoint: sudoku, maze or arc")
     p.add_argument("--steps", default=None,
                    help="supervision steps at test time (default: the training N_sup); with --breadth a list")
@@ -693,6 +725,10 @@ def main(argv=None):
 
 
 def run(args):
+    if args.runs:
+        return print(f"plot: {plot_runs(args.runs.split(','), args.out or '.')}")
+    if not args.checkpoint:
+        raise SettingsError("--checkpoint CKPT is needed (or --runs to compare training runs)")
     ranks = Ranks.from_env()     # under torchrun every rank evaluates a share; rank 0 reports
     if not ranks.main:
         sys.stdout = open(os.devnull, "w")

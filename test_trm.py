@@ -830,7 +830,7 @@ def test_a_second_run_into_a_used_folder_is_refused_and_a_dead_runs_lock_is_take
     assert "--overwrite: removed the 1 files of the previous run in shared" in out
     records = [json.loads(line) for line in open("shared/metrics.jsonl")]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]       # none of the killed run's
-    assert sorted(os.listdir("shared")) == ["ckpt_00000002.pt", "metrics.jsonl"]
+    assert sorted(os.listdir("shared")) == ["ckpt_00000002.pt", "curves.png", "metrics.jsonl"]
 
 
 def test_a_damaged_newest_checkpoint_never_outlives_the_good_one(workdir, capsys):
@@ -843,7 +843,7 @@ def test_a_damaged_newest_checkpoint_never_outlives_the_good_one(workdir, capsys
     out = capsys.readouterr().out
     assert "skipping prune/ckpt_00000004.pt" in out and "resumed at step 3 from prune/ckpt_00000003.pt" in out
     assert "removed prune/ckpt_00000005.pt.tmp" in out and "removing prune/ckpt_00000004.pt" in out
-    assert sorted(os.listdir("prune")) == ["ckpt_00000003.pt", "ckpt_00000005.pt", "metrics.jsonl"]
+    assert sorted(os.listdir("prune")) == ["ckpt_00000003.pt", "ckpt_00000005.pt", "curves.png", "metrics.jsonl"]
 
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_no_tmp(workdir, capsys, monkeypatch):
@@ -1220,6 +1220,18 @@ def test_resume_mid_curriculum_equals_the_uninterrupted_run(workdir):
     for key in ("model", "ema"):
         for name, value in whole[key].items():
             assert torch.equal(value, resumed[key][name]), f"{key} {name} differs after resuming mid-curriculum"
+
+
+def test_runs_are_compared_by_time_to_accuracy_and_draw_their_curves(workdir, capsys):
+    for schedule in ("fixed", "curriculum"):
+        run_train("--n", "3", "--T", "3", "--max-steps", "4", "--eval-interval", "2", "--depth-schedule", schedule,
+                  "--out", f"tta_{schedule}")
+        assert os.path.getsize(f"tta_{schedule}/curves.png") > 0
+        evals = [json.loads(line) for line in open(f"tta_{schedule}/metrics.jsonl") if '"eval"' in line]
+        assert [r["step"] for r in evals] == [2, 4] and 0 < evals[0]["train_seconds"] < evals[1]["train_seconds"]
+    evaluate.main(["--runs", "tta_fixed,tta_curriculum", "--out", "compared"])
+    assert "plot: compared/runs_time_to_accuracy.png" in capsys.readouterr().out
+    expect_error(capsys, evaluate.main, ["--runs", "tta_fixed,nowhere"], "nowhere holds no metrics.jsonl")
 
 
 def test_supervision_decay_weights_step_k_by_lambda_to_the_k_minus_1():

@@ -207,6 +207,13 @@ def depth_at(step, total, tcfg, mcfg):
     return n, T, N_sup
 
 
+def depth_count(tcfg):
+    """How many distinct (n, T, N_sup) depth_at can give: what torch.compile compiles."""
+    if tcfg.depth_schedule == "random":
+        return (2 * tcfg.depth_width + 1) ** (3 if tcfg.random_n_sup else 2)
+    return 3 if tcfg.depth_schedule == "curriculum" else 1
+
+
 def lr_at(step, cfg, base):
     """Linear warmup, then constant (the reference's schedule with its minimum ratio 1)."""
     return base * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
@@ -239,6 +246,9 @@ def train(tcfg, mcfg, resume_state=None):
     # Run holds the data, model, EMA, optimizer and the out folder; Ctrl-C and SIGTERM stop at a step boundary
     with Run.start(tcfg, mcfg, resume_state) as run, StopRequest() as stop:
         model = run.model
+        if run.compile_on:   # each (n, T, N_sup) of a depth schedule compiles once: keep all of them compiled
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, 2 * depth_count(tcfg))
         step_fn = torch.compile(supervision_step) if run.compile_on else supervision_step
         model.train()
         while run.step < run.total_steps and not stop.agreed(run.ranks, run.device):
@@ -428,7 +438,8 @@ class Run:
             os.remove(tmp)
             self.log(f"removed {tmp}, a checkpoint whose writing was cut off")
         if self.tcfg.overwrite and not self.tcfg.resume:
-            self.old_run = checkpoints_in(out) + glob.glob(os.path.join(out, "metrics.jsonl"))
+            self.old_run = checkpoints_in(out) + [p for p in (os.path.join(out, "metrics.jsonl"),
+                                                              os.path.join(out, "curves.png")) if os.path.exists(p)]
 
     def replace_old_run(self):
         for path in self.old_run or ():
