@@ -576,6 +576,14 @@ class Ranks:
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         return cls(dist.get_rank(), world, dist.get_backend())
 
+    def finish(self):
+        """All ranks leave together: a rank that exits while rank 0 still writes its checkpoint and pictures can
+        take gloo's threads down with it (an abort, 'terminate called without an active exception')."""
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+            dist.destroy_process_group()
+
     def rows(self, n):
         """This rank's contiguous share of n global rows (equal shares when world divides n)."""
         return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)

@@ -282,6 +282,7 @@ def train(tcfg, mcfg, resume_state=None):
         path = run.save()
         res = run.evaluate()
         run.log(f"done: {run.step} steps in {format_time(time.time() - run.t0)}; checkpoint {path}")
+        run.ranks.finish()
     return model, run.ema_model, res
 
 
