@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -1155,7 +1156,10 @@ def test_two_gloo_processes_train_the_same_weights_as_one(workdir, depth):
                    "--halt-exploration-prob", "0.5"] + depth
     name = "random" if depth else "fixed"
     train.main(args + ["--out", f"one_{name}"])
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    with socket.socket() as s:     # a free port: a fixed one can still be held by the previous case's store
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
                         os.path.join(HERE, "train.py"), "--"] + args + ["--out", f"two_{name}"],   # "--": torchrun reads --n
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
