@@ -417,14 +417,65 @@ def setup_runtime(tcfg):
     return device, dtype, compile_on, autocast
 
 
-def out_of_memory(e, settings):
-    """End a run that could not allocate memory in one sentence naming the settings that size it, exit 2; any
-    other RuntimeError is a bug and keeps its traceback."""
-    text = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-    if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "allocate" in text):
-        raise e
-    print(f"error: out of memory ({shown(text, 100)}); expected smaller settings: {settings}", file=sys.stderr)
-    sys.exit(2)
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM ask the training loop to stop after the step in flight and save a checkpoint;
+    the same signal again abandons the step at once (KeyboardInterrupt)."""
+
+    def __enter__(self):
+        self.signum = None
+        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def agreed(self, ranks, device):
+        """Whether to stop now: under torchrun all ranks stop at the same step, when any of them was asked."""
+        if ranks.world == 1:
+            return self.signum is not None
+        return bool(ranks.sum(torch.tensor([float(self.signum is not None)], device=device)) > 0)
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal after saving: one line says where and how to resume; exit 128 + signum."""
+
+    def __init__(self, signum, path, out):
+        self.exit_code, name = 128 + signum, signal.Signals(signum).name
+        super().__init__(f"stopped by {name} at a step boundary; checkpoint {path}; continue with "
+                         f"python train.py --resume auto --out {out}" if path else
+                         f"stopped by {name} before the first step; nothing was saved")
+
+
+def one_sentence_on_failure(main, memory_settings, expected=()):
+    """main(), with every failure a user can mend ending in one sentence on stderr and a non-zero exit (2; 130
+    for Ctrl-C; an Interrupted run its own) instead of a traceback. A RuntimeError that is not out of memory is
+    a bug and keeps its traceback."""
+    try:
+        return main()
+    except (DataError, SettingsError, Interrupted, *expected) as e:
+        code = getattr(e, "exit_code", 2)
+        message = f"error: {e}" if code == 2 else str(e)
+    except OSError as e:              # a full disk while writing, say
+        code, message = 2, f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}"
+    except KeyboardInterrupt:
+        code, message = 130, ("error: interrupted at once; the work in flight was abandoned, and the files "
+                              "already written are intact")
+    except (MemoryError, RuntimeError) as e:
+        text = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "allocate" in text):
+            raise
+        code, message = 2, (f"error: out of memory ({shown(text, 100)}); expected smaller settings: "
+                            f"{memory_settings}")
+    print(message, file=sys.stderr)
+    sys.exit(code)
 
 
 def read_torch_file(path):
@@ -560,6 +611,60 @@ def lock_folder(out):
             f.write(f"{os.getpid()}\n")
         return path, note
     raise SettingsError(f"{out} is being claimed by other processes at the same time; choose another --out")
+
+
+class OutputFolder:
+    """A training run's --out, claimed by one process: made if absent and locked (`lock_folder`), checked again
+    under the lock (`check_out_use`), cleared of the .tmp a killed run left. `save` writes a checkpoint and keeps
+    the newest two that load. With --overwrite the old run's files are noted and go in `drop_replaced`, once the
+    new run has made a step. Leaving releases the lock, and the folder too if the run wrote nothing there."""
+
+    def __init__(self, tcfg, log):
+        self.out, self.log, self.good = tcfg.out, log, {tcfg.resume} if tcfg.resume else set()
+        self.made = make_folder(self.out)
+        self.lock, note = lock_folder(self.out)
+        if note:
+            log(note)
+        try:
+            check_out_use(tcfg)      # another run may have finished into the folder since main checked
+        except SettingsError:
+            self.release()
+            raise
+        for tmp in glob.glob(os.path.join(self.out, "ckpt_*.pt.tmp")):
+            os.remove(tmp)
+            log(f"removed {tmp}, a checkpoint whose writing was cut off")
+        old = checkpoints_in(self.out) + [os.path.join(self.out, f) for f in ("metrics.jsonl", "curves.png")]
+        self.replaced = [p for p in old if os.path.exists(p)] if tcfg.overwrite else []
+
+    def drop_replaced(self):
+        for path in self.replaced:
+            os.remove(path)
+        if self.replaced:
+            self.log(f"--overwrite: removed the {len(self.replaced)} files of the previous run in {self.out}")
+        self.replaced = []
+
+    def save(self, state, step):
+        path = os.path.join(self.out, f"ckpt_{step:08d}.pt")
+        save_checkpoint(path, state)
+        self.good.add(path)
+        prune_checkpoints(self.out, 2, self.good)
+        return path
+
+    def release(self):
+        os.remove(self.lock)
+        if self.made and not os.listdir(self.out):
+            os.rmdir(self.out)
+
+
+def check_out_use(tcfg):
+    """A run may not mix into a folder holding another run's checkpoints unless told to replace them; a run
+    resumed from a checkpoint elsewhere counts as another run."""
+    theirs = checkpoints_in(tcfg.out)
+    if tcfg.resume and os.path.abspath(tcfg.resume) in map(os.path.abspath, theirs):
+        return
+    if theirs and not tcfg.overwrite:
+        raise SettingsError(f"{tcfg.out} already holds a run; use --resume auto to continue it, "
+                            f"--overwrite to replace it, or --out for a new folder")
 
 
 def pid_alive(pid):
@@ -709,19 +814,7 @@ def main(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed of the start states and the noise")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)   # SIGTERM ends like Ctrl-C: one line, exit 130
-    try:
-        run(args)
-    except (DataError, SettingsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:          # a full disk while drawing, say
-        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted; the evaluation was abandoned and nothing was written", file=sys.stderr)
-        sys.exit(130)
-    except (MemoryError, RuntimeError) as e:
-        out_of_memory(e, "--batch-size, --breadth or --steps")
+    one_sentence_on_failure(lambda: run(args), "--batch-size, --breadth or --steps")
 
 
 def run(args):

@@ -21,13 +21,10 @@ comes after it.
 """
 import copy
 import dataclasses
-import glob
 import importlib
 import json
 import math
 import os
-import signal
-import sys
 import time
 from dataclasses import dataclass
 
@@ -38,10 +35,9 @@ import torch.nn.functional as F
 import evaluate
 from data import (Batches, DataError, Ranks, SettingsError, TrainConfig, check_config, curriculum_stages,
                   fit_to_data, micro_batch_size, parse_args, resolve_config, rows_per_epoch)
-from evaluate import (Logger, check_out_folder, checkpoints_in, find_checkpoint, flops_per_sample,
-                      format_time, load_weights, lock_folder, make_folder, matmul_peak, out_of_memory,
-                      peak_memory, plot_curves, prune_checkpoints, save_checkpoint, setup_runtime,
-                      synchronize)
+from evaluate import (Interrupted, Logger, OutputFolder, StopRequest, check_out_folder, check_out_use,
+                      find_checkpoint, flops_per_sample, format_time, load_weights, matmul_peak,
+                      one_sentence_on_failure, peak_memory, plot_curves, setup_runtime, synchronize)
 from model import TRM, TRMConfig
 
 
@@ -271,7 +267,8 @@ def train(tcfg, mcfg, resume_state=None):
             run.stop_if_weights_nonfinite(result.puzzle_ids, lr)
             run.step += 1
             run.carry = result.carry
-            run.replace_old_run()                      # --overwrite: the old run goes once a step has worked
+            if run.folder:                             # --overwrite: the old run goes once a step has worked
+                run.folder.drop_replaced()
             run.log_step(result.stats, lr, depth)
             if run.due(tcfg.eval_interval):
                 run.evaluate()
@@ -286,51 +283,12 @@ def train(tcfg, mcfg, resume_state=None):
     return model, run.ema_model, res
 
 
-class StopRequest:
-    """SIGINT (Ctrl-C) and SIGTERM ask the loop to stop after the step in flight and save a checkpoint; the
-    same signal again abandons the step at once (KeyboardInterrupt)."""
-
-    def __enter__(self):
-        self.signum = None
-        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
-              f"(send it again to stop at once)", file=sys.stderr, flush=True)
-
-    def agreed(self, ranks, device):
-        """Whether to stop now: under torchrun all ranks stop at the same step, when any of them was asked."""
-        if ranks.world == 1:
-            return self.signum is not None
-        return bool(ranks.sum(torch.tensor([float(self.signum is not None)], device=device)) > 0)
-
-    def __exit__(self, *exc):
-        for s, handler in self.old.items():
-            signal.signal(s, handler)
-
-
-class Interrupted(Exception):
-    """A run stopped by a signal, after saving: main prints where and how to resume and exits 128 + signum."""
-
-    def __init__(self, signum, path, out):
-        self.signum = signum
-        name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} at a step boundary; checkpoint {path}; continue with "
-                         f"python train.py --resume auto --out {out}" if path else
-                         f"stopped by {name} before the first step; nothing was saved")
-
-
 # ------------------------------------------------------------------------------------------ the run
 
 @dataclass
 class Run:
-    """Everything a training run holds besides the loop itself: built by `start`, saved by `save`, and a
-    context that gives its output folder back (lock released, no empty folder left by a run that never
-    stepped)."""
+    """Everything a training run holds besides the loop itself: built by `start`, saved by `save`; as a
+    context it gives its output folder back at the end (`OutputFolder.release`)."""
     tcfg: TrainConfig
     mcfg: TRMConfig
     task: object
@@ -355,10 +313,7 @@ class Run:
     last_log: float = 0.0
     sums: dict = None             # statistics summed since the last log line
     steps_logged: int = 0
-    lock: str = ""                # the output folder's lock file, on rank 0
-    made_out: bool = False        # whether this run made the output folder
-    old_run: list = None          # files of the run that --overwrite replaces, removed after the first step
-    good: set = None              # checkpoints known to load, for pruning
+    folder: OutputFolder = None   # --out, claimed by rank 0
     eval_seconds: float = 0.0     # spent in periodic evaluations, left out of train_seconds
 
     @property
@@ -410,54 +365,24 @@ class Run:
             + (f" in micro-batches of {micro} rows (gradients accumulated)"
                if micro * ranks.world < tcfg.batch_size else ""))
         run = cls(tcfg, mcfg, task, ranks, log, device, autocast, compile_on, test_ds, model, ema_model,
-                  optimizer, batches, total_steps, micro, last_ckpt=tcfg.resume,
-                  good={tcfg.resume} if tcfg.resume else set())
+                  optimizer, batches, total_steps, micro, last_ckpt=tcfg.resume)
         if resume_state is not None:
             run.restore(resume_state)
             if run.step >= total_steps:
                 raise SettingsError(f"checkpoint {tcfg.resume} is at step {run.step} of a {total_steps}-step "
                                     f"run, so nothing is left to train; expected a larger --max-steps")
-        if ranks.main:
-            run.claim_out()
+        if ranks.main:        # last: a run that fails its checks leaves no folder behind
+            run.folder = OutputFolder(tcfg, log)
         run.t0 = run.last_log = time.time()
         run.start_step = run.step
         return run
-
-    def claim_out(self):
-        """Make and lock the output folder, clean what a killed run left, note what --overwrite replaces."""
-        out = self.tcfg.out
-        self.made_out = make_folder(out)
-        self.lock, note = lock_folder(out)
-        if note:
-            self.log(note)
-        try:
-            check_out_use(self.tcfg)  # again under the lock: another run may have finished into it meanwhile
-        except SettingsError:
-            self.__exit__()
-            raise
-        for tmp in glob.glob(os.path.join(out, "ckpt_*.pt.tmp")):
-            os.remove(tmp)
-            self.log(f"removed {tmp}, a checkpoint whose writing was cut off")
-        if self.tcfg.overwrite and not self.tcfg.resume:
-            self.old_run = checkpoints_in(out) + [p for p in (os.path.join(out, "metrics.jsonl"),
-                                                              os.path.join(out, "curves.png")) if os.path.exists(p)]
-
-    def replace_old_run(self):
-        for path in self.old_run or ():
-            os.remove(path)
-        if self.old_run:
-            self.log(f"--overwrite: removed the {len(self.old_run)} files of the previous run in "
-                     f"{self.tcfg.out}")
-        self.old_run = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        if self.lock:
-            os.remove(self.lock)
-            if self.made_out and not os.listdir(self.tcfg.out):
-                os.rmdir(self.tcfg.out)
+        if self.folder:
+            self.folder.release()
 
     def restore(self, state):
         path = self.tcfg.resume
@@ -514,8 +439,7 @@ class Run:
                  halt_loss=s["halt_loss"] / per_sample, exact=s["exact"] / halted,
                  mean_halt_steps=s["steps"] / halted, samples_per_s=rate, lr=lr, elapsed=now - self.t0,
                  train_seconds=self.train_seconds(now), n=depth[0], T=depth[1], N_sup=depth[2])
-        shown_depth = "" if self.tcfg.depth_schedule == "fixed" else f"n {depth[0]} T {depth[1]}" + (
-            f" N_sup {depth[2]}" if self.tcfg.random_n_sup else "") + " | "
+        shown_depth = "" if self.tcfg.depth_schedule == "fixed" else "n {} T {} N_sup {} | ".format(*depth)
         self.log(f"step {self.step}/{self.total_steps} epoch {r['epoch']:.1f} | loss {r['lm_loss']:.4f} "
                  f"halt {r['halt_loss']:.4f} | exact {r['exact']:.1%} steps {r['mean_halt_steps']:.1f} | "
                  f"{shown_depth}"
@@ -561,61 +485,37 @@ class Run:
                      carry=whole_carry,
                      rng=dict(torch=torch.get_rng_state(),
                               cuda=torch.cuda.get_rng_state() if self.device.type == "cuda" else None))
-        path = os.path.join(self.tcfg.out, f"ckpt_{self.step:08d}.pt")
-        save_checkpoint(path, state)
-        self.good.add(path)
-        prune_checkpoints(self.tcfg.out, 2, self.good)
+        path = self.folder.save(state, self.step)
         self.last_ckpt = path
         return path
 
 
 # ------------------------------------------------------------------------------------- command line
 
-def check_out_use(tcfg):
-    """A run may not mix into a folder holding another run's checkpoints unless told to replace them; a run
-    resumed from a checkpoint elsewhere counts as another run."""
-    theirs = checkpoints_in(tcfg.out)
-    if tcfg.resume and os.path.abspath(tcfg.resume) in map(os.path.abspath, theirs):
-        return
-    if theirs and not tcfg.overwrite:
-        raise SettingsError(f"{tcfg.out} already holds a run; use --resume auto to continue it, "
-                            f"--overwrite to replace it, or --out for a new folder")
-
-
 def main(argv=None):
     given = parse_args(argv, __doc__.split("\n")[0])
-    try:
-        tcfg, mcfg = resolve_config(given)
-        if tcfg.bench:
-            return bench(tcfg, mcfg)
-        tcfg.out = tcfg.out or os.path.join("out", f"{tcfg.task}-{tcfg.preset}")
-        check_out_folder(tcfg.out)
-        resume_state = None
-        if tcfg.resume:
-            path, resume_state = find_checkpoint(tcfg.resume, tcfg.out)
-            saved = {**resume_state["train_config"], **resume_state["model_config"]}
-            for k in ("task", *resume_state["model_config"]):   # the task and model shape cannot change
-                if k in given and given[k] != saved[k]:
-                    raise SettingsError(f"checkpoint {path} was trained with {k} {saved[k]}, not {given[k]}")
-            # A resumed run keeps its settings unless the command line changes one (--max-steps, say).
-            tcfg, mcfg = resolve_config({**saved, **given, "resume": path, "out": tcfg.out})
-        check_out_use(tcfg)
-        train(tcfg, mcfg, resume_state)
-    except (DataError, SettingsError, StopTraining) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Interrupted as e:
-        print(e, file=sys.stderr)
-        sys.exit(128 + e.signum)
-    except KeyboardInterrupt:
-        print("error: interrupted at once; the step in flight was abandoned, and the checkpoints already "
-              "written are intact", file=sys.stderr)
-        sys.exit(130)
-    except OSError as e:          # a full disk while logging, say
-        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (MemoryError, RuntimeError) as e:
-        out_of_memory(e, "--batch-size, --micro-batch, --d-model, --puzzle-emb-len or --num-aug")
+    sizes = "--batch-size, --micro-batch, --d-model, --puzzle-emb-len or --num-aug"
+    one_sentence_on_failure(lambda: start(given), sizes, expected=(StopTraining,))
+
+
+def start(given):
+    """The command line's run: a benchmark, a new run, or a resumed one (settings from its checkpoint)."""
+    tcfg, mcfg = resolve_config(given)
+    if tcfg.bench:
+        return bench(tcfg, mcfg)
+    tcfg.out = tcfg.out or os.path.join("out", f"{tcfg.task}-{tcfg.preset}")
+    check_out_folder(tcfg.out)
+    resume_state = None
+    if tcfg.resume:
+        path, resume_state = find_checkpoint(tcfg.resume, tcfg.out)
+        saved = {**resume_state["train_config"], **resume_state["model_config"]}
+        for k in ("task", *resume_state["model_config"]):   # the task and model shape cannot change
+            if k in given and given[k] != saved[k]:
+                raise SettingsError(f"checkpoint {path} was trained with {k} {saved[k]}, not {given[k]}")
+        # A resumed run keeps its settings unless the command line changes one (--max-steps, say).
+        tcfg, mcfg = resolve_config({**saved, **given, "resume": path, "out": tcfg.out})
+    check_out_use(tcfg)
+    train(tcfg, mcfg, resume_state)
 
 
 # ---------------------------------------------------------------------------------------------- bench
