@@ -605,6 +605,14 @@ class Ranks:
             dist.all_reduce(tensor)
         return tensor
 
+    def sum_all(self, tensors):
+        """Each tensor summed over the ranks in place, all in one all-reduce of their concatenation."""
+        flat = self.sum(torch.cat([t.reshape(-1) for t in tensors]))
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
     def gather_objects(self, obj):
         """Every rank's picklable obj (arrays of predictions, say), in rank order."""
         if self.world == 1:

@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-from data import (ArgumentParser, Dataset, DataError, Ranks, SettingsError, TrainConfig, check_config, config_from, eval_rows,
-                  resolve_config, shown, to_device)
+from data import (ArgumentParser, Dataset, DataError, Ranks, SettingsError, TrainConfig, check_config, config_from,
+                  eval_rows, micro_batch_size, resolve_config, shown, to_device)
 from model import TRM, SwiGLU, TRMConfig, from_reference_state_dict
 
 
@@ -123,6 +123,22 @@ def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None,
 
 
 @torch.no_grad()
+def during_training(task, tcfg, model, ds, device, autocast, ranks):
+    """train.py's periodic evaluation: held-out accuracy after N_sup steps, and for ARC its voted pass@k.
+    Returns the per-step results, the log line's text and the task's scores (rank 0's; the others' are empty)."""
+    N, score = model.cfg.N_sup, getattr(task, "score", None)
+    res = evaluate(model, ds, N, tcfg.batch_size // ranks.world, device, autocast, limit=tcfg.eval_limit or None,
+                   check=getattr(task, "check", None), keep=(N,) if score else (), ranks=ranks)
+    last = res[-1]
+    preds, halt = last.pop("preds", None), last.pop("halt", None)
+    if not ranks.main:
+        return res, "", {}
+    scores, line = score(tcfg, preds, halt) if score else ({}, "")
+    accuracy = (f"exact {last['exact']:.2%}, token {last['token']:.2%} on {last['scored']} held-out rows"
+                if last["scored"] else f"unscored: none of the {last['count']} held-out rows has a known answer")
+    return res, f"{accuracy} after {N} supervision steps (EMA weights)" + (f"; {line}" if line else ""), scores
+
+
 def evaluate_halting(model, ds, N, batch_size, device, autocast, limit=None, ranks=None, threshold=0.5):
     """Inference with halting: each puzzle stops after the first step whose halt probability (sigmoid of the
     halt logit) exceeds threshold, at most N steps; 0.5 is training's rule, halt logit > 0. A halted slot
@@ -408,6 +424,9 @@ def setup_runtime(tcfg):
     # MPS is untested here (no Mac): float32 unless --dtype bfloat16 asks for autocast there.
     dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     compile_on = tcfg.compile == "on" or (tcfg.compile == "auto" and device.type == "cuda")
+    if compile_on:         # each (n, T, N_sup) of a training depth schedule compiles once: keep them all
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, 2 * depth_count(tcfg))
     if tcfg.threads:       # capped at the machine's: a checkpoint may come from a bigger one, and 10^5 crashes torch
         torch.set_num_threads(min(tcfg.threads, os.cpu_count() or 1))
     if device.type == "cuda":
@@ -415,6 +434,13 @@ def setup_runtime(tcfg):
     # bf16 forward with float32 master weights: autocast casts each weight once per region.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     return device, dtype, compile_on, autocast
+
+
+def depth_count(tcfg):
+    """How many distinct (n, T, N_sup) train.depth_at can give: what torch.compile compiles."""
+    if tcfg.depth_schedule == "random":
+        return (2 * tcfg.depth_width + 1) ** (3 if tcfg.random_n_sup else 2)
+    return 3 if tcfg.depth_schedule == "curriculum" else 1
 
 
 class StopRequest:
@@ -537,6 +563,38 @@ def save_checkpoint(path, state):
             raise DataError(f"checkpoint {path} could not be written ({reason}); the partial file was removed and "
                             f"the checkpoints before it are intact") from None
         raise
+
+
+def training_state(run):
+    """What a resumed train.Run needs to compute the same weights: models, optimizer, data position, the carry
+    of every rank (each takes part in the gather) and the random state. None on ranks other than 0."""
+    carry = {k: run.ranks.gather(v).cpu() for k, v in run.carry.items()}
+    if not run.ranks.main:
+        return None
+    return dict(model=run.model.state_dict(), ema=run.ema_model.state_dict(), optimizer=run.optimizer.state_dict(),
+                step=run.step, batches=run.batches.state_dict(), train_config=dataclasses.asdict(run.tcfg),
+                model_config=dataclasses.asdict(run.mcfg), carry=carry,
+                rng=dict(torch=torch.get_rng_state(),
+                         cuda=torch.cuda.get_rng_state() if run.device.type == "cuda" else None))
+
+
+def restore_training(run, state):
+    """The inverse of training_state, into a freshly built train.Run of the same settings."""
+    path = run.tcfg.resume
+    load_weights(run.model, state["model"], path)
+    load_weights(run.ema_model, state["ema"], path)
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.batches.load_state_dict(state["batches"])
+        run.step = int(state["step"])
+        run.carry = {k: v[run.mine].to(run.device) for k, v in state["carry"].items()}
+        torch.set_rng_state(state["rng"]["torch"])
+        if run.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+        raise DataError(f"checkpoint {path} cannot be resumed: its optimizer, data position or random "
+                        f"state is damaged ({type(e).__name__})") from None
+    run.log(f"resumed at step {run.step} from {path}")
 
 
 def checkpoints_in(folder):
@@ -687,6 +745,59 @@ def find_checkpoint(resume, out):
         except DataError as e:
             print(f"skipping {path}: {e}")
     raise DataError(f"--resume auto found no complete checkpoint in {out}")
+
+
+def bench(tcfg, mcfg, make_step):
+    """`train.py --bench`: time full training steps (train.bench_step: forward, backward, AdamW, sign-SGD, EMA)
+    on random puzzles of the configured shape, one line per variant; no data is built and nothing written."""
+    flops = flops_per_sample(mcfg)
+    print(f"bench {tcfg.task}/{tcfg.preset}: batch {tcfg.batch_size}, D {mcfg.d_model}, "
+          f"{'token MLP' if mcfg.mlp_t else 'attention'}, n {mcfg.n}, T {mcfg.T}, "
+          f"{mcfg.puzzle_emb_len + mcfg.seq_len} positions; {flops / 1e9:.2f} GFLOP per sample and step")
+    for variant in tcfg.bench.split(","):
+        dtype, _, compiled = variant.partition("+")
+        if compiled not in ("", "compile"):
+            raise SettingsError(f"--bench variant {variant!r}; expected a dtype, optionally with +compile")
+        vcfg = dataclasses.replace(tcfg, dtype=dtype, compile="on" if compiled else "off")
+        check_config(vcfg, mcfg)
+        device, dtype, compile_on, autocast = setup_runtime(vcfg)
+        torch.manual_seed(tcfg.seed)
+        model = TRM(mcfg).to(device).train()
+        micro = micro_batch_size(tcfg, mcfg, device)
+        step = make_step(model, vcfg, device, autocast, compile_on, micro)
+        B, L, V = tcfg.batch_size, mcfg.seq_len, mcfg.vocab_size
+        batch = dict(inputs=torch.randint(1, V, (B, L), device=device),
+                     labels=torch.randint(1, V, (B, L), device=device),
+                     puzzle_ids=torch.randint(0, mcfg.num_puzzle_ids, (B,), device=device))
+
+        def timed(steps):
+            synchronize(device)
+            t = time.perf_counter()
+            for _ in range(steps):
+                step(batch)
+            synchronize(device)
+            return time.perf_counter() - t
+
+        peak_memory(device, reset=True)
+        warm = timed(2)
+        per_step = timed(tcfg.bench_steps) / tcfg.bench_steps
+        memory = peak_memory(device)
+        achieved, peak = flops * B / per_step, matmul_peak(device, dtype)
+        print(f"{variant:>18}: {B / per_step:8,.1f} samples/s | {1000 * per_step:9,.1f} ms/step | "
+              f"peak memory {memory / 1e9:5.2f} GB | {achieved / 1e12:6.3f} TFLOP/s = {achieved / peak:5.1%} "
+              f"MFU of {peak / 1e12:.3f} TFLOP/s measured {dtype} matmul | warm-up (compile) {warm:.0f}s"
+              + (f", micro-batches of {micro}" if micro < B else ""), flush=True)
+
+
+def resumed_config(given, tcfg):
+    """--resume: the checkpoint's settings, changed where the command line says so (--max-steps, say), except
+    the task and the model's shape. Returns them with the checkpoint's state."""
+    path, state = find_checkpoint(tcfg.resume, tcfg.out)
+    saved = {**state["train_config"], **state["model_config"]}
+    for k in ("task", *state["model_config"]):
+        if k in given and given[k] != saved[k]:
+            raise SettingsError(f"checkpoint {path} was trained with {k} {saved[k]}, not {given[k]}")
+    return (*resolve_config({**saved, **given, "resume": path, "out": tcfg.out}), state)
 
 
 def flops_per_sample(mcfg):

@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-from data import (Batches, DataError, Ranks, SettingsError, TrainConfig, check_config, curriculum_stages,
+from data import (Batches, Ranks, SettingsError, TrainConfig, curriculum_stages,
                   fit_to_data, micro_batch_size, parse_args, resolve_config, rows_per_epoch)
 from evaluate import (Interrupted, Logger, OutputFolder, StopRequest, check_out_folder, check_out_use,
-                      find_checkpoint, flops_per_sample, format_time, load_weights, matmul_peak,
-                      one_sentence_on_failure, peak_memory, plot_curves, setup_runtime, synchronize)
+                      format_time, one_sentence_on_failure, plot_curves, restore_training, resumed_config,
+                      setup_runtime, training_state)
 from model import TRM, TRMConfig
 
 
@@ -166,15 +166,10 @@ def all_reduce_step(ranks, params, result):
     update to its copy of the table, and all ranks the same AdamW update to the same weights."""
     if ranks.world == 1:
         return result
-    grads = [p.grad for p in params]
     names = list(result.stats)
     extra = torch.stack([result.loss.float()] + [result.stats[k].float() for k in names])
-    flat = ranks.sum(torch.cat([g.reshape(-1) for g in grads] + [extra]))
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-    return dataclasses.replace(result, loss=flat[offset], stats=dict(zip(names, flat[offset + 1:])),
+    ranks.sum_all([p.grad for p in params] + [extra])
+    return dataclasses.replace(result, loss=extra[0], stats=dict(zip(names, extra[1:])),
                                puzzle_ids=ranks.gather(result.puzzle_ids),
                                puzzle_grad=ranks.gather(result.puzzle_grad))
 
@@ -203,13 +198,6 @@ def depth_at(step, total, tcfg, mcfg):
     return n, T, N_sup
 
 
-def depth_count(tcfg):
-    """How many distinct (n, T, N_sup) depth_at can give: what torch.compile compiles."""
-    if tcfg.depth_schedule == "random":
-        return (2 * tcfg.depth_width + 1) ** (3 if tcfg.random_n_sup else 2)
-    return 3 if tcfg.depth_schedule == "curriculum" else 1
-
-
 def lr_at(step, cfg, base):
     """Linear warmup, then constant (the reference's schedule with its minimum ratio 1)."""
     return base * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
@@ -223,6 +211,12 @@ def puzzle_emb_step(table, ids, grad, lr, weight_decay):
     g = torch.zeros(len(uniq), grad.shape[-1], dtype=grad.dtype, device=grad.device)
     g.index_add_(0, inverse, grad)
     table[uniq] = table[uniq] * (1 - lr * weight_decay) - lr * g.sign()
+
+
+def adamw(model, tcfg, device):
+    # The reference uses Adam-atan2; plain AdamW is reported to reach the same accuracy (see README).
+    return torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
+                             weight_decay=tcfg.weight_decay, fused=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -242,9 +236,6 @@ def train(tcfg, mcfg, resume_state=None):
     # Run holds the data, model, EMA, optimizer and the out folder; Ctrl-C and SIGTERM stop at a step boundary
     with Run.start(tcfg, mcfg, resume_state) as run, StopRequest() as stop:
         model = run.model
-        if run.compile_on:   # each (n, T, N_sup) of a depth schedule compiles once: keep all of them compiled
-            limit = torch._dynamo.config.recompile_limit
-            torch._dynamo.config.recompile_limit = max(limit, 2 * depth_count(tcfg))
         step_fn = torch.compile(supervision_step) if run.compile_on else supervision_step
         model.train()
         while run.step < run.total_steps and not stop.agreed(run.ranks, run.device):
@@ -353,9 +344,7 @@ class Run:
         # share it, so its memory (1.8 GB for ARC-AGI-1) is held once, and saved once.
         ema_model = copy.deepcopy(model, memo={id(model.puzzle_emb): model.puzzle_emb}).eval()
         ema_model.requires_grad_(False)
-        # The reference uses Adam-atan2; plain AdamW is reported to reach the same accuracy (see README).
-        optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
-                                      weight_decay=tcfg.weight_decay, fused=device.type == "cuda")
+        optimizer = adamw(model, tcfg, device)
         batches = Batches(train_ds, tcfg.batch_size, tcfg.seed, device, ranks.rows(tcfg.batch_size))
         total_steps = tcfg.max_steps or max(1, int(tcfg.epochs * rows_per_epoch(train_ds) // tcfg.batch_size))
         micro = micro_batch_size(tcfg, mcfg, device, ranks.world)
@@ -367,7 +356,7 @@ class Run:
         run = cls(tcfg, mcfg, task, ranks, log, device, autocast, compile_on, test_ds, model, ema_model,
                   optimizer, batches, total_steps, micro, last_ckpt=tcfg.resume)
         if resume_state is not None:
-            run.restore(resume_state)
+            restore_training(run, resume_state)
             if run.step >= total_steps:
                 raise SettingsError(f"checkpoint {tcfg.resume} is at step {run.step} of a {total_steps}-step "
                                     f"run, so nothing is left to train; expected a larger --max-steps")
@@ -383,23 +372,6 @@ class Run:
     def __exit__(self, *exc):
         if self.folder:
             self.folder.release()
-
-    def restore(self, state):
-        path = self.tcfg.resume
-        load_weights(self.model, state["model"], path)
-        load_weights(self.ema_model, state["ema"], path)
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.batches.load_state_dict(state["batches"])
-            self.step = int(state["step"])
-            self.carry = {k: v[self.mine].to(self.device) for k, v in state["carry"].items()}
-            torch.set_rng_state(state["rng"]["torch"])
-            if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(state["rng"]["cuda"])
-        except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
-            raise DataError(f"checkpoint {path} cannot be resumed: its optimizer, data position or random "
-                            f"state is damaged ({type(e).__name__})") from None
-        self.log(f"resumed at step {self.step} from {path}")
 
     def due(self, interval):
         return interval and self.step % interval == 0 and self.step < self.total_steps
@@ -452,42 +424,24 @@ class Run:
         return now - self.t0 - self.eval_seconds
 
     def evaluate(self):
-        """Held-out accuracy of the EMA weights after N_sup steps; ARC also votes and scores pass@k."""
-        tcfg, mcfg, score = self.tcfg, self.mcfg, getattr(self.task, "score", None)
         t = time.time()
-        res = evaluate.evaluate(self.ema_model, self.test_ds, mcfg.N_sup, tcfg.batch_size // self.ranks.world,
-                                self.device, self.autocast, limit=tcfg.eval_limit or None,
-                                check=getattr(self.task, "check", None), keep=(mcfg.N_sup,) if score else (),
-                                ranks=self.ranks)
-        last = res[-1]
-        preds, halt = last.pop("preds", None), last.pop("halt", None)
-        if not self.ranks.main:
-            return res
-        scores, line = score(tcfg, preds, halt) if score else ({}, "")
-        accuracy = (f"exact {last['exact']:.2%}, token {last['token']:.2%} on {last['scored']} held-out rows"
-                    if last["scored"] else
-                    f"unscored: none of the {last['count']} held-out rows has a known answer")
-        self.eval_seconds += time.time() - t
-        self.log(f"eval step {self.step}: {accuracy} after {mcfg.N_sup} supervision steps (EMA weights)"
-                 + (f"; {line}" if line else ""), kind="eval", step=self.step, per_step=res,
-                 train_seconds=self.train_seconds(time.time()), **scores)
-        plot_curves(self.log.path, os.path.join(tcfg.out, "curves.png"), f"{tcfg.task}/{tcfg.preset}")
+        res, line, scores = evaluate.during_training(self.task, self.tcfg, self.ema_model, self.test_ds,
+                                                     self.device, self.autocast, self.ranks)
+        if self.ranks.main:
+            self.eval_seconds += time.time() - t
+            self.log(f"eval step {self.step}: {line}", kind="eval", step=self.step, per_step=res,
+                     train_seconds=self.train_seconds(time.time()), **scores)
+            plot_curves(self.log.path, os.path.join(self.tcfg.out, "curves.png"),
+                        f"{self.tcfg.task}/{self.tcfg.preset}")
         return res
 
     def save(self):
-        """A checkpoint of all a resumed run needs to compute the same weights; the newest two are kept."""
-        whole_carry = {k: self.ranks.gather(v).cpu() for k, v in self.carry.items()}   # every rank takes part
-        if not self.ranks.main:
+        """A checkpoint (evaluate.training_state); the newest two are kept. Every rank takes part."""
+        state = training_state(self)
+        if state is None:
             return None
-        state = dict(model=self.model.state_dict(), ema=self.ema_model.state_dict(),
-                     optimizer=self.optimizer.state_dict(), step=self.step, batches=self.batches.state_dict(),
-                     train_config=dataclasses.asdict(self.tcfg), model_config=dataclasses.asdict(self.mcfg),
-                     carry=whole_carry,
-                     rng=dict(torch=torch.get_rng_state(),
-                              cuda=torch.cuda.get_rng_state() if self.device.type == "cuda" else None))
-        path = self.folder.save(state, self.step)
-        self.last_ckpt = path
-        return path
+        self.last_ckpt = self.folder.save(state, self.step)
+        return self.last_ckpt
 
 
 # ------------------------------------------------------------------------------------- command line
@@ -502,73 +456,34 @@ def start(given):
     """The command line's run: a benchmark, a new run, or a resumed one (settings from its checkpoint)."""
     tcfg, mcfg = resolve_config(given)
     if tcfg.bench:
-        return bench(tcfg, mcfg)
+        return evaluate.bench(tcfg, mcfg, bench_step)
     tcfg.out = tcfg.out or os.path.join("out", f"{tcfg.task}-{tcfg.preset}")
     check_out_folder(tcfg.out)
     resume_state = None
     if tcfg.resume:
-        path, resume_state = find_checkpoint(tcfg.resume, tcfg.out)
-        saved = {**resume_state["train_config"], **resume_state["model_config"]}
-        for k in ("task", *resume_state["model_config"]):   # the task and model shape cannot change
-            if k in given and given[k] != saved[k]:
-                raise SettingsError(f"checkpoint {path} was trained with {k} {saved[k]}, not {given[k]}")
-        # A resumed run keeps its settings unless the command line changes one (--max-steps, say).
-        tcfg, mcfg = resolve_config({**saved, **given, "resume": path, "out": tcfg.out})
+        tcfg, mcfg, resume_state = resumed_config(given, tcfg)
     check_out_use(tcfg)
     train(tcfg, mcfg, resume_state)
 
 
 # ---------------------------------------------------------------------------------------------- bench
 
-def bench(tcfg, mcfg):
-    """Time full training steps (forward, backward, AdamW, sign-SGD, EMA) on random puzzles of the configured
-    shape, one line per variant; no data is built and nothing is written."""
-    flops = flops_per_sample(mcfg)
-    print(f"bench {tcfg.task}/{tcfg.preset}: batch {tcfg.batch_size}, D {mcfg.d_model}, "
-          f"{'token MLP' if mcfg.mlp_t else 'attention'}, n {mcfg.n}, T {mcfg.T}, "
-          f"{mcfg.puzzle_emb_len + mcfg.seq_len} positions; {flops / 1e9:.2f} GFLOP per sample and step")
-    for variant in tcfg.bench.split(","):
-        dtype, _, compiled = variant.partition("+")
-        if compiled not in ("", "compile"):
-            raise SettingsError(f"--bench variant {variant!r}; expected a dtype, optionally with +compile")
-        vcfg = dataclasses.replace(tcfg, dtype=dtype, compile="on" if compiled else "off")
-        check_config(vcfg, mcfg)
-        device, dtype, compile_on, autocast = setup_runtime(vcfg)
-        torch.manual_seed(tcfg.seed)
-        model = TRM(mcfg).to(device).train()
-        ema_params = [p.detach().clone() for p in model.parameters()]
-        optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
-                                      weight_decay=tcfg.weight_decay, fused=device.type == "cuda")
-        B, L, V = tcfg.batch_size, mcfg.seq_len, mcfg.vocab_size
-        batch = dict(inputs=torch.randint(1, V, (B, L), device=device),
-                     labels=torch.randint(1, V, (B, L), device=device),
-                     puzzle_ids=torch.randint(0, mcfg.num_puzzle_ids, (B,), device=device))
-        step_fn = torch.compile(supervision_step) if compile_on else supervision_step
-        micro = micro_batch_size(tcfg, mcfg, device)
-        min_steps = torch.zeros(B, dtype=torch.long, device=device)
-        carry = initial_carry(model, batch)
+def bench_step(model, tcfg, device, autocast, compile_on, micro):
+    """For `evaluate.bench`: one full training step (refill, forward, backward, AdamW, sign-SGD, EMA) as the loop
+    runs it, on whatever batch it is given."""
+    ema_params = [p.detach().clone() for p in model.parameters()]
+    optimizer = adamw(model, tcfg, device)
+    step_fn = torch.compile(supervision_step) if compile_on else supervision_step
+    carry = None
 
-        def timed(steps):
-            nonlocal carry
-            synchronize(device)
-            t = time.perf_counter()
-            for _ in range(steps):
-                carry = refill(model, carry, batch)
-                result = accumulated_step(step_fn, model, carry, min_steps, micro, B, autocast)
-                update(optimizer, model, ema_params, result, 0, tcfg)
-                carry = result.carry
-            synchronize(device)
-            return time.perf_counter() - t
-
-        peak_memory(device, reset=True)
-        warm = timed(2)
-        per_step = timed(tcfg.bench_steps) / tcfg.bench_steps
-        memory = peak_memory(device)
-        achieved, peak = flops * B / per_step, matmul_peak(device, dtype)
-        print(f"{variant:>18}: {B / per_step:8,.1f} samples/s | {1000 * per_step:9,.1f} ms/step | "
-              f"peak memory {memory / 1e9:5.2f} GB | {achieved / 1e12:6.3f} TFLOP/s = {achieved / peak:5.1%} "
-              f"MFU of {peak / 1e12:.3f} TFLOP/s measured {dtype} matmul | warm-up (compile) {warm:.0f}s"
-              + (f", micro-batches of {micro}" if micro < B else ""), flush=True)
+    def step(batch):
+        nonlocal carry
+        carry = refill(model, carry or initial_carry(model, batch), batch)
+        min_steps = torch.zeros_like(batch["puzzle_ids"])
+        result = accumulated_step(step_fn, model, carry, min_steps, micro, tcfg.batch_size, autocast)
+        update(optimizer, model, ema_params, result, 0, tcfg)
+        carry = result.carry
+    return step
 
 
 if __name__ == "__main__":
