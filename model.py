@@ -43,6 +43,11 @@ class TRMConfig:
     N_sup: int = 16              # supervision steps
     rope_theta: float = 10000.0
     rms_eps: float = 1e-5
+    # The paper's steps from HRM to TRM (Tables 1-2) as switches; all off is TRM. See the variants below.
+    separate_nets: bool = False  # f_L updates z, f_H updates y, each with its own n_layers blocks
+    one_step_grad: bool = False  # HRM's 1-step gradient: only the last f_L and f_H calls get gradient
+    act_continue: bool = False   # HRM's ACT: a continue logit learnt by Q-learning; halt when halt > continue
+    latents: str = "yz"          # yz (TRM), single (one state z), multi (n latent features z besides y)
 
 
 def trunc_normal_(w, std):
@@ -137,6 +142,8 @@ class TRM(nn.Module):
         trunc_normal_(self.embed_tokens.weight, 1.0 / math.sqrt(D))
         self.embed_scale = math.sqrt(D)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        if cfg.separate_nets:     # f_H's own blocks; f_L is `blocks`, TRM's one net
+            self.blocks_H = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.output_head = Linear(D, cfg.vocab_size)
         self.Q_head = Linear(D, 2, bias=True)
         # Q_head starts by predicting "do not halt" with confidence, so early training runs deep.
@@ -165,15 +172,17 @@ class TRM(nn.Module):
         return self.embed_scale * torch.cat((prefix.to(tokens.dtype), tokens), dim=1)       # [B, P+L, D]
 
     def initial_state(self, batch_size):
-        """y, z at the start of a puzzle: the fixed vectors at every position, [B, P+L, D] each."""
+        """y, z at the start of a puzzle: the fixed vectors at every position, [B, P+L, D] each (multi-scale
+        latents: z is [B, n, P+L, D], n features)."""
         S = self.cfg.puzzle_emb_len + self.cfg.seq_len
-        return self.y_init.expand(batch_size, S, -1), self.z_init.expand(batch_size, S, -1)
+        z_shape = (batch_size, self.cfg.n, S, -1) if self.cfg.latents == "multi" else (batch_size, S, -1)
+        return self.y_init.expand(batch_size, S, -1), self.z_init.expand(z_shape)
 
-    def net(self, h, injection):
+    def net(self, h, injection, blocks=None):
         """The one tiny network: net(x, y, z) of the paper is net(z, x + y); net(y, z) is net(y, z)."""
         cos_sin = (self.rope_cos, self.rope_sin) if self.cfg.rope else None
         h = h + injection       # the reference injects by addition, never concatenation
-        for block in self.blocks:
+        for block in self.blocks if blocks is None else blocks:
             h = block(h, cos_sin)
         return h
 
@@ -192,14 +201,102 @@ class TRM(nn.Module):
         return (y.detach(), z.detach()), self.output_head(y)[:, self.cfg.puzzle_emb_len:], self.Q_head(y[:, 0])
 
     def forward(self, inputs, puzzle_rows, y, z, n=None, T=None):
-        """One supervision step: logits [B, L, V] and the halt logit [B] (float32), plus the next (y, z).
-        n and T default to the config's; training-time depth schedules pass their own (train.depth_at)."""
+        """One supervision step: logits [B, L, V] and Q_head's [halt, continue] logits [B, 2] (float32; TRM uses
+        only the halt logit), plus the next (y, z). n and T default to the config's; training-time depth
+        schedules pass their own (train.depth_at)."""
         if inputs.shape[1] != self.cfg.seq_len:
             raise ValueError(f"this model was built for puzzles of {self.cfg.seq_len} tokens, "
                              f"got {inputs.shape[1]}; train a model for this size")
         x = self.embed_input(inputs, puzzle_rows)
-        (y, z), logits, q = self.deep_recursion(x, y, z, n or self.cfg.n, T or self.cfg.T)
-        return (y, z), logits, q[:, 0].float()     # only the halt logit is used (Q_head's second output is not)
+        (y, z), logits, q = self.recursion(x, y, z, n or self.cfg.n, T or self.cfg.T)
+        return (y, z), logits, q.float()
+
+    def halt_logit(self, q):
+        """The logit whose sign says halt: TRM's q_halt, or HRM's q_halt - q_continue (--act-continue)."""
+        return q[:, 0] - q[:, 1] if self.cfg.act_continue else q[:, 0]
+
+    @torch.no_grad()
+    def act_continue_target(self, inputs, puzzle_rows, y, z, last, n, T):
+        """HRM's ACT (--act-continue) learns its continue logit by Q-learning: the target is the sigmoid of the
+        best Q value one supervision step later, from an extra forward pass without gradient: the next halt
+        logit on a slot's last step (last [B]), else max(next halt, next continue)."""
+        _, _, q_next = self(inputs, puzzle_rows, y, z, n, T)
+        return torch.sigmoid(torch.where(last, q_next[:, 0], q_next.max(-1).values))
+
+    # ------------------------------------------------------------------ the paper's ablations (Tables 1-2)
+    # Each is its own function beside TRM's, as the paper writes it; `recursion` picks one from the config.
+
+    def recursion(self, x, y, z, n, T):
+        if self.cfg.latents != "yz":
+            return (self.single_z_recursion if self.cfg.latents == "single" else self.multi_z_recursion)(x, y, z, n, T)
+        if self.cfg.one_step_grad:
+            return self.one_step_grad_recursion(x, y, z, n, T)
+        return (self.separate_nets_recursion if self.cfg.separate_nets else self.deep_recursion)(x, y, z, n, T)
+
+    def heads(self, h):
+        return self.output_head(h)[:, self.cfg.puzzle_emb_len:], self.Q_head(h[:, 0])
+
+    def f_L(self, h, injection):
+        """HRM's low-level network, which updates z (z_L): TRM's net."""
+        return self.net(h, injection)
+
+    def f_H(self, h, injection):
+        """HRM's high-level network, which updates y (z_H): its own blocks with --separate-nets, else TRM's net."""
+        return self.net(h, injection, self.blocks_H if self.cfg.separate_nets else None)
+
+    def separate_nets_recursion(self, x, y, z, n, T):
+        """'w/ separate f_H, f_L' (Table 1): deep_recursion with HRM's two networks in latent_recursion."""
+        with torch.no_grad():
+            for j in range(T - 1):
+                y, z = self.two_net_latent_recursion(x, y, z, n)
+        y, z = self.two_net_latent_recursion(x, y, z, n)
+        return (y.detach(), z.detach()), *self.heads(y)
+
+    def two_net_latent_recursion(self, x, y, z, n):
+        for i in range(n):
+            z = self.f_L(z, x + y)
+        y = self.f_H(y, z)
+        return y, z
+
+    def one_step_grad_recursion(self, x, y, z, n, T):
+        """HRM as the paper's Figure 2 writes it (z_L is z, z_H is y): f_L n times for each f_H call, T
+        times, with the 1-step gradient approximation: every call but the last f_L and f_H runs without
+        gradient. With one net (no --separate-nets) it is Table 1's 'w/ 1-step gradient'."""
+        with torch.no_grad():
+            for i in range(n * T - 1):
+                z = self.f_L(z, x + y)
+                if (i + 1) % n == 0:
+                    y = self.f_H(y, z)
+        z = self.f_L(z, x + y)      # 1-step gradient: the last f_L call
+        y = self.f_H(y, z)          # and the last f_H call
+        return (y.detach(), z.detach()), *self.heads(y)
+
+    def single_z_recursion(self, x, y, z, n, T):
+        """'single z' (Table 2): one state that is both reasoning and answer, net(x, z) n + 1 times per
+        latent recursion; the heads read z. y is carried unchanged, unused."""
+        with torch.no_grad():
+            for j in range(T - 1):
+                for i in range(n + 1):
+                    z = self.net(z, x)
+        for i in range(n + 1):
+            z = self.net(z, x)
+        return (y, z.detach()), *self.heads(z)
+
+    def multi_z_recursion(self, x, y, z, n, T):
+        """'multi-scale z' (Table 2): n latent features z[0..n-1] besides y (n + 1 in all), z[i] updated from
+        x, y and all the others in turn, then y from all of them; z [B, n, S, D] is carried whole."""
+        z = list(z.unbind(1))
+        with torch.no_grad():
+            for j in range(T - 1):
+                y, z = self.multi_z_latent_recursion(x, y, z, n)
+        y, z = self.multi_z_latent_recursion(x, y, z, n)
+        return (y.detach(), torch.stack(z, 1).detach()), *self.heads(y)
+
+    def multi_z_latent_recursion(self, x, y, z, n):
+        for i in range(n):
+            z[i] = self.net(z[i], x + y + sum(z[:i] + z[i + 1:]))
+        y = self.net(y, sum(z))
+        return y, z
 
 
 # The reference implementation's state_dict names (SamsungSAILMontreal/TinyRecursiveModels), ours on the right.

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from data import Dataset, DataError, cached_splits, hub_csv, real_or_generated, shown, source_key
+from data import Dataset, DataError, cached_splits, hub_csv, real_or_generated, shown, source_key, with_hrm
 
 ROWS = [[r * 9 + c for c in range(9)] for r in range(9)]
 COLS = [[r * 9 + c for r in range(9)] for c in range(9)]
@@ -407,7 +407,7 @@ def draw(puzzle, prediction, answer=None, steps=None, path="sudoku.png", title=N
 # Tokens: 0 pad, 1 blank, digits 1-9 as 2-10. All 81 cells are supervised.
 VOCAB_SIZE = 11
 
-PRESETS = {
+PRESETS = with_hrm({
     # The reference's Sudoku-Extreme run: MLP variant without positions, 1000 puzzles x 1000 augmentations.
     # The reference evaluates on the whole test set; periodic evaluations here use eval_limit puzzles.
     "paper": dict(data="auto", train_puzzles=1000, num_aug=1000, test_puzzles=0, min_blanks=50, max_blanks=58,
@@ -425,7 +425,7 @@ PRESETS = {
                 lr=1e-3, warmup_steps=100, weight_decay=0.1, puzzle_emb_lr=1e-3, puzzle_emb_weight_decay=0.1,
                 ema=0.99, epochs=0, max_steps=1500, eval_interval=500, eval_limit=1000, checkpoint_interval=500,
                 dtype="bfloat16"),
-}
+})
 
 
 def augmented_groups(q, a, num_aug, seed):

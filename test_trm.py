@@ -45,12 +45,15 @@ def tiny_batch(model, B=4, seed=0):
                 puzzle_ids=torch.zeros(B, dtype=torch.long))
 
 
-def record_net_calls(model):
-    """Wrap the instance's net so every call's output is kept, in call order."""
+def record_net_calls(model, used_H=None):
+    """Wrap the instance's net so every call's output is kept, in call order (and in used_H whether f_H's own
+    blocks ran it)."""
     calls, net = [], model.net
-    def recording_net(h, injection):
-        out = net(h, injection)
+    def recording_net(h, injection, blocks=None):
+        out = net(h, injection, blocks)
         calls.append(out)
+        if used_H is not None:
+            used_H.append(blocks is not None)
         return out
     model.net = recording_net
     return calls
@@ -118,7 +121,7 @@ def test_gradients_match_a_hand_unrolled_recursion():
     args = step_inputs(model, tiny_batch(model))
     params = list(model.parameters())
     _, logits, q = model(*args)
-    ours = torch.autograd.grad(logits.pow(2).mean() + q.sum(), params, allow_unused=True)
+    ours = torch.autograd.grad(logits.pow(2).mean() + q[:, 0].sum(), params, allow_unused=True)
     logits_ref, q_ref = hand_unrolled(model, *args)
     ref = torch.autograd.grad(logits_ref.pow(2).mean() + q_ref.sum(), params, allow_unused=True)
     torch.testing.assert_close(logits, logits_ref)
@@ -609,6 +612,10 @@ BAD_COMMAND_LINES = [
     (["--task", "arc", "--size", "31"], "--size is 31; expected a side of 2 to 30 cells"),
     (["--min-path", "-1"], "--min-path is -1; expected a whole number of at least 0"),
     (["--resume", "GOOD", "--overwrite"], "--resume continues the run in --out and --overwrite replaces it"),
+    (["--latents", "single", "--separate-nets"], "--latents single has no separate y to update"),
+    (["--latents", "multi", "--depth-schedule", "curriculum"], "--latents multi keeps n latent features"),
+    (["--depth-schedule", "random"], "random depth draws n and T from value +- width, so they must be at least 2"),
+    (["--latents", "xy"], "--latents is 'xy'; expected yz, single or multi"),
     (["--resume", "GOOD"], "is at step 1 of a 1-step run, so nothing is left to train; expected a larger --max-steps"),
     (["--resume", "GOOD", "--max-steps", "3", "--out", "other"], "other already holds a run"),
     (["--resume", "nan_weights.pt", "--max-steps", "3"], "checkpoint nan_weights.pt has non-finite ema weights"),
@@ -1282,7 +1289,8 @@ def test_halting_inference_refills_halted_slots_so_batches_stay_full():
     def halting_forward(inputs, puzzle_rows, y, z):
         (y, z), logits, _ = forward(inputs, puzzle_rows, y, z)
         calls.append(len(inputs))
-        return (y, z), logits, torch.where(inputs[:, 0] % 2 == 0, 1.0, -1.0)
+        halt = torch.where(inputs[:, 0] % 2 == 0, 1.0, -1.0)
+        return (y, z), logits, torch.stack([halt, torch.zeros_like(halt)], 1)     # [halt, continue] logits
     model.forward = halting_forward
     res = evaluate.evaluate_halting(model, ds, 4, 4, torch.device("cpu"), NO_AUTOCAST)
     even = int((ds.inputs[:, 0] % 2 == 0).sum())
@@ -1339,7 +1347,8 @@ def controlled(model, K, answers, halt, moves):
     def forward(inputs, puzzle_rows, y, z):
         j = torch.arange(len(inputs)) % K                                  # the trajectory of every row
         preds = (inputs - 1 + answers[j][:, None]) % (V - 1) + 1
-        return (y + moves[j][:, None, None], z), F.one_hot(preds, V).float(), halt[j]
+        q = torch.stack([halt[j], torch.zeros(len(inputs))], 1)            # [halt, continue] logits
+        return (y + moves[j][:, None, None], z), F.one_hot(preds, V).float(), q
     model.forward = forward
 
 
@@ -1412,6 +1421,142 @@ def test_evaluate_sweeps_depth_and_breadth_from_the_command_line(workdir, capsys
     expect_error(capsys, evaluate.main, ["--checkpoint", ckpt, "--steps", "4,8"], "a list of steps needs --breadth")
     expect_error(capsys, evaluate.main, ["--checkpoint", ckpt, "--breadth", "2", "--noise", "-1"],
                  "--noise is -1.0; expected a finite standard deviation of at least 0")
+
+
+# ------------------------------------------------------------------ from HRM to TRM: the ablation switches
+
+def graph_reach(calls, loss):
+    """Which recorded net calls the loss reaches by backward (index: gradient mass), the others carrying no graph."""
+    reached = {}
+    for i, c in enumerate(calls):
+        if c.requires_grad:
+            c.register_hook(lambda g, i=i: reached.__setitem__(i, g.abs().sum().item()))
+    loss.backward()
+    return reached
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_one_step_gradient_reaches_only_the_last_f_L_and_f_H_calls(separate):
+    model = tiny_model(n=2, T=3, one_step_grad=True, separate_nets=separate)
+    n, T = model.cfg.n, model.cfg.T
+    used_H = []
+    calls = record_net_calls(model, used_H)
+    (y, z), logits, q = model(*step_inputs(model, tiny_batch(model)))
+    # HRM's schedule: f_L n times, then f_H, T times over (the same T(n+1) calls as TRM)
+    assert len(calls) == T * (n + 1)
+    assert used_H == ([False] * n + [True]) * T if separate else not any(used_H)
+    assert all(c.grad_fn is None and not c.requires_grad for c in calls[:-2]), "an early call built a graph"
+    reached = graph_reach(calls, logits.pow(2).mean() + q[:, 0].sum())
+    assert sorted(reached) == [len(calls) - 2, len(calls) - 1] and all(m > 0 for m in reached.values())
+    assert torch.equal(y, calls[-1]) and torch.equal(z, calls[-2]) and not y.requires_grad
+
+
+def test_separate_nets_f_H_gets_gradient_only_through_the_y_update():
+    model = tiny_model(n=2, T=2, separate_nets=True)
+    n = model.cfg.n
+    used_H = []
+    calls = record_net_calls(model, used_H)
+    _, logits, q = model(*step_inputs(model, tiny_batch(model)))
+    assert used_H == ([False] * n + [True]) * model.cfg.T, "f_H must run exactly the y updates"
+    loss = logits.pow(2).mean() + q[:, 0].sum()
+    H, L = list(model.blocks_H.parameters()), list(model.blocks.parameters())
+    whole = torch.autograd.grad(loss, H, retain_graph=True)
+    y_update = calls[-1]
+    g_y, = torch.autograd.grad(loss, y_update, retain_graph=True)
+    through_y = torch.autograd.grad(y_update, H, grad_outputs=g_y, retain_graph=True)
+    for a, b in zip(whole, through_y):
+        torch.testing.assert_close(a, b)
+    assert sum(g.abs().sum() for g in whole) > 0
+    z_updates = sum(c.float().sum() for c in calls[-(n + 1):-1])
+    assert all(g is None for g in torch.autograd.grad(z_updates, H, retain_graph=True, allow_unused=True))
+    assert all(g is not None for g in torch.autograd.grad(z_updates, L, allow_unused=True))
+
+
+def test_act_continue_extra_pass_builds_no_graph_and_its_target_follows_the_formula():
+    model = tiny_model(n=1, T=2, N_sup=3, act_continue=True).train()
+    torch.nn.init.normal_(model.Q_head.weight, std=0.5)
+    torch.nn.init.normal_(model.Q_head.bias, std=1.0)
+    batch = tiny_batch(model, B=6)
+    carry = train.refill(model, train.initial_carry(model, batch), batch)
+    carry["steps"] = torch.tensor([0, 0, 0, 2, 2, 2])       # the last three take their last step (N_sup 3)
+    per_pass = model.cfg.T * (model.cfg.n + 1)
+    calls = record_net_calls(model)
+    result = train.supervision_step(model, carry, torch.zeros(6, dtype=torch.long), NO_AUTOCAST)
+    assert len(calls) == 2 * per_pass, "one supervision step plus one extra pass"
+    assert all(c.grad_fn is None and not c.requires_grad for c in calls[per_pass:]), "the extra pass built a graph"
+    with torch.no_grad():
+        rows = model.puzzle_emb[carry["puzzle_ids"]]
+        _, logits, q = model(carry["inputs"], rows, carry["y"], carry["z"])
+        _, _, q_next = model(carry["inputs"], rows, result.carry["y"], result.carry["z"])
+    last = torch.tensor([False] * 3 + [True] * 3)
+    target = torch.sigmoid(torch.where(last, q_next[:, 0], torch.maximum(q_next[:, 0], q_next[:, 1])))
+    continue_loss = 0.5 * F.binary_cross_entropy_with_logits(q[:, 1], target, reduction="none")
+    expected, _, _, _ = train.deep_supervision_loss(logits, q[:, 0], carry["labels"])
+    torch.testing.assert_close(result.loss.detach(), expected + continue_loss.sum())
+    assert continue_loss.sum() > 0
+    assert torch.equal(result.carry["halted"], last | (q[:, 0] > q[:, 1])), "HRM halts when halt > continue"
+
+
+def test_single_and_multi_scale_latents_carry_what_the_figures_say():
+    model = tiny_model(n=2, T=2, latents="single")
+    n, T, P = model.cfg.n, model.cfg.T, model.cfg.puzzle_emb_len
+    calls = record_net_calls(model)
+    inputs, rows, y0, z0 = step_inputs(model, tiny_batch(model))
+    (y, z), logits, q = model(inputs, rows, y0, z0)
+    assert len(calls) == T * (n + 1) and torch.equal(y, y0), "single z: n + 1 calls per recursion, y unused"
+    assert torch.equal(z, calls[-1]) and not z.requires_grad
+    torch.testing.assert_close(logits, model.output_head(calls[-1])[:, P:])
+    assert sorted(graph_reach(calls, logits.pow(2).mean() + q[:, 0].sum())) == list(range(T * (n + 1))[-(n + 1):])
+
+    model = tiny_model(n=3, T=2, latents="multi")
+    n, T = model.cfg.n, model.cfg.T
+    calls = record_net_calls(model)
+    inputs, rows, y0, z0 = step_inputs(model, tiny_batch(model))
+    assert z0.shape == (4, n, P + model.cfg.seq_len, model.cfg.d_model), "multi-scale: n latent features"
+    (y, z), logits, q = model(inputs, rows, y0, z0)
+    assert len(calls) == T * (n + 1)
+    for i in range(n):      # each feature is carried as its last update, detached
+        assert torch.equal(z[:, i], calls[-(n + 1) + i])
+    assert torch.equal(y, calls[-1]) and not (y.requires_grad or z.requires_grad)
+    assert sorted(graph_reach(calls, logits.pow(2).mean() + q[:, 0].sum())) == list(range(T * (n + 1))[-(n + 1):])
+
+
+@pytest.mark.parametrize("preset,kw,count", [
+    ("paper", {}, 5_028_866),                               # TRM on Sudoku: 5M (Table 1)
+    ("paper", dict(separate_nets=True), 10_045_442),        # two nets double the block weights: 10M
+    ("paper", dict(n_layers=4, n=3), 10_045_442),           # 4 layers: 10M
+    ("paper", dict(mlp_t=False, rope=True), 6_828_034),     # self-attention: 7M
+    ("paper", dict(latents="multi"), 5_028_866),            # the latent variants add no weights
+    ("hrm-paper", {}, 27_275_266),                          # HRM: 27M
+])
+def test_parameter_counts_of_the_variants_at_paper_scale(preset, kw, count):
+    _, mcfg = data.resolve_config({"task": "sudoku", "preset": preset, **kw})
+    assert trm.TRM(mcfg).num_params() == count
+
+
+def test_hrm_presets_are_the_papers_hrm_row_for_every_task():
+    for task in ("sudoku", "maze", "arc"):
+        for preset, base in (("hrm", "cpu"), ("hrm-paper", "paper")):
+            tcfg, mcfg = data.resolve_config({"task": task, "preset": preset})
+            _, trm_cfg = data.resolve_config({"task": task, "preset": base})
+            assert mcfg.separate_nets and mcfg.one_step_grad and mcfg.act_continue and tcfg.ema == 0.0
+            assert (mcfg.n_layers, mcfg.n, mcfg.T, mcfg.d_model) == (4, 2, 2, trm_cfg.d_model)
+
+
+@pytest.mark.parametrize("switch", [["--separate-nets"], ["--one-step-grad"], ["--act-continue"],
+                                    ["--latents", "single"], ["--latents", "multi"]])
+def test_each_switch_trains_and_resumes_exactly(workdir, switch):
+    name = "switch" + "_".join(switch).replace("-", "")
+    args = ["--dtype", "float32", "--n", "2", "--T", "2", "--n-sup", "3", *switch]
+    run_train(*args, "--max-steps", "4", "--checkpoint-interval", "2", "--out", name)
+    run_train(*args, "--max-steps", "2", "--out", name + "_split")
+    run_train(*args, "--max-steps", "4", "--resume", "auto", "--out", name + "_split")
+    whole, split = final_state(name), final_state(name + "_split")
+    assert whole["model_config"] == split["model_config"] and whole["step"] == split["step"] == 4
+    for key in ("model", "ema"):
+        for k, value in whole[key].items():
+            assert torch.equal(value, split[key][k]), f"{key} {k} differs after resume with {switch}"
+    assert not torch.equal(whole["model"]["embed_tokens.weight"], tiny_model(d_model=32).embed_tokens.weight)
 
 
 # ---------------------------------------------------------------------------------------------- bench

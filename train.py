@@ -58,18 +58,20 @@ def stablemax_cross_entropy(logits, labels, mask):
     return -torch.where(mask, picked, 0)
 
 
-def deep_supervision_loss(logits, q_halt, labels, weights=None):
-    """Per sample: mean stablemax CE over its labelled tokens + 0.5 * BCE(halt logit, answer exactly right),
-    times its weight (CGAR's decay, [B]; none: 1). Returns the batch sums (the trainer divides by the global
-    batch size; the two parts unweighted, for the log) and the exactness per sample."""
+def deep_supervision_loss(logits, q_halt, labels, weights=None, continue_loss=None):
+    """Per sample: mean stablemax CE over its labelled tokens + 0.5 * BCE(halt logit, answer exactly right)
+    (+ HRM's continue loss with --act-continue), times its weight (CGAR's decay, [B]; none: 1). Returns the
+    batch sums (the trainer divides by the global batch size; CE and halt BCE unweighted, for the log) and the
+    exactness per sample."""
     mask = labels != 0
     counts = mask.sum(-1).clamp_min(1)
     with torch.no_grad():
         correct = ((logits.argmax(-1) == labels) | ~mask).all(-1)          # whole answer exact [B]
     lm = stablemax_cross_entropy(logits, labels, mask).sum(-1) / counts              # softmax_cross_entropy
     halt = F.binary_cross_entropy_with_logits(q_halt, correct.to(q_halt.dtype), reduction="none")
+    q_loss = 0.5 * halt if continue_loss is None else 0.5 * halt + continue_loss
     lm_loss, halt_loss = lm.sum(), halt.sum()
-    total = lm_loss + 0.5 * halt_loss if weights is None else ((lm + 0.5 * halt) * weights).sum()
+    total = lm_loss + q_loss.sum() if weights is None else ((lm + q_loss) * weights).sum()
     return total, lm_loss.detach(), halt_loss.detach(), correct
 
 
@@ -86,13 +88,10 @@ def refill(model, carry, batch):
     """`y, z = y_init, z_init` for a new puzzle: slots that halted last step take the batch's puzzle at their
     position and restart from the initial states (as the reference does); the others keep theirs."""
     halted = carry["halted"]
-    y0, z0 = model.initial_state(halted.shape[0])
-    h3 = halted[:, None, None]
-    return dict(y=torch.where(h3, y0, carry["y"]), z=torch.where(h3, z0, carry["z"]),
-                steps=torch.where(halted, 0, carry["steps"]), halted=halted,
-                inputs=torch.where(halted[:, None], batch["inputs"], carry["inputs"]),
-                labels=torch.where(halted[:, None], batch["labels"], carry["labels"]),
-                puzzle_ids=torch.where(halted, batch["puzzle_ids"], carry["puzzle_ids"]))
+    fresh = dict(zip(("y", "z"), model.initial_state(halted.shape[0])), steps=torch.zeros_like(carry["steps"]),
+                 **{k: batch[k] for k in ("inputs", "labels", "puzzle_ids")})
+    return dict({k: torch.where(halted.view(-1, *[1] * (v.dim() - 1)), v, carry[k]) for k, v in fresh.items()},
+                halted=halted)
 
 
 def exploration_min_steps(batch_size, N_sup, p, device):
@@ -121,18 +120,23 @@ def supervision_step(model, carry, min_steps, autocast, depth=None, decay=1.0):
     least steps per slot; depth: this step's (n, T, N_sup) (default the config's, see `depth_at`); decay:
     CGAR's lambda, supervision step k of a slot weighted lambda^(k-1). torch.compile compiles this."""
     n, T, N_sup = depth or (model.cfg.n, model.cfg.T, model.cfg.N_sup)
+    steps = carry["steps"] + 1
     # The batch's rows of the puzzle-embedding table as a leaf, so backward gives exactly their gradient.
     puzzle_rows = model.puzzle_emb[carry["puzzle_ids"]].requires_grad_(model.training)
     with autocast:
-        (y, z), logits, q_halt = model(carry["inputs"], puzzle_rows, carry["y"], carry["z"], n, T)
+        (y, z), logits, q = model(carry["inputs"], puzzle_rows, carry["y"], carry["z"], n, T)
+        continue_loss = None
+        if model.cfg.act_continue:     # HRM's ACT: its continue loss needs one more step, without gradient
+            target = model.act_continue_target(carry["inputs"], puzzle_rows, y, z, steps >= N_sup, n, T)
+            continue_loss = 0.5 * F.binary_cross_entropy_with_logits(q[:, 1], target, reduction="none")
     weights = decay ** carry["steps"].double() if decay != 1.0 else None     # carry's steps are k - 1
-    loss, lm_loss, halt_loss, correct = deep_supervision_loss(logits, q_halt, carry["labels"], weights)
+    loss, lm_loss, halt_loss, correct = deep_supervision_loss(logits, q[:, 0], carry["labels"], weights,
+                                                              continue_loss)
 
     with torch.no_grad():
-        steps = carry["steps"] + 1
         halted = steps >= N_sup
         if model.training and N_sup > 1:
-            halted = halted | (q_halt > 0)      # the paper's "if q_hat > 0: break"
+            halted = halted | (model.halt_logit(q) > 0)      # the paper's "if q_hat > 0: break"
             halted = halted & (steps >= min_steps)
     new_carry = dict(carry, y=y, z=z, steps=steps, halted=halted)
     stats = dict(lm_loss=lm_loss, halt_loss=halt_loss, halted=halted.sum(), exact=(correct & halted).sum(),
