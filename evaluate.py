@@ -371,8 +371,9 @@ def plot_curves(metrics, path, title):
 
 
 def plot_runs(folders, out):
-    """Time to accuracy: held-out exact accuracy against minutes of training (evaluations left out), one line
-    per run folder (its metrics.jsonl), for comparing settings such as depth schedules. Returns the path."""
+    """Runs compared, one per folder (its metrics.jsonl): held-out exact accuracy against minutes of training
+    (evaluations left out), for settings such as depth schedules, and each run's last held-out exact accuracy
+    as a bar, for ablations such as the HRM -> TRM ladder. Returns the two paths."""
     from matplotlib.figure import Figure
     check_out_folder(out)
     lines = []
@@ -383,6 +384,7 @@ def plot_runs(folders, out):
         with open(path) as f:
             evals = [r for r in map(json.loads, f) if r.get("kind") == "eval" and "train_seconds" in r]
         lines.append((os.path.basename(os.path.normpath(folder)), evals))
+    make_folder(out)
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()
     for name, evals in lines:
@@ -394,10 +396,23 @@ def plot_runs(folders, out):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    make_folder(out)
-    path = os.path.join(out, "runs_time_to_accuracy.png")
-    fig.savefig(path, dpi=120)
-    return path
+    time_path = os.path.join(out, "runs_time_to_accuracy.png")
+    fig.savefig(time_path, dpi=120)
+
+    fig = Figure(figsize=(6.5, 0.9 + 0.35 * len(lines)))
+    ax = fig.add_subplot()
+    final = [100 * (evals[-1]["per_step"][-1]["exact"] or 0) if evals else 0.0 for _, evals in lines]
+    bars = ax.barh(range(len(lines)), final, color="tab:blue")
+    ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+    ax.set_yticks(range(len(lines)), [f"{name} (step {evals[-1]['step'] if evals else 0})" for name, evals in lines])
+    ax.invert_yaxis()
+    ax.set_xlabel("held-out exact accuracy at the last evaluation (%)")
+    ax.set_xlim(0, 100)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    bar_path = os.path.join(out, "runs_final_accuracy.png")
+    fig.savefig(bar_path, dpi=120)
+    return time_path, bar_path
 
 
 # ------------------------------------------------------------------------ devices and checkpoints
@@ -897,7 +912,8 @@ def main(argv=None):
     p = ArgumentParser(description="Evaluate a TRM checkpoint after every supervision step.")
     p.add_argument("--checkpoint", help="our ckpt_*.pt, or a reference state_dict")
     p.add_argument("--runs", default=None, help="instead: training output folders, comma-separated; draws their "
-                   "held-out exact accuracy against training minutes into --out (runs_time_to_accuracy.png)")
+                   "held-out exact accuracy against training minutes (runs_time_to_accuracy.png) and their last "
+                   "one as bars (runs_final_accuracy.png) into --out")
     p.add_argument("--task", default=None, help="for a reference checkpoint: sudoku, maze or arc")
     p.add_argument("--steps", default=None,
                    help="supervision steps at test time (default: the training N_sup); with --breadth a list")
@@ -930,7 +946,7 @@ def main(argv=None):
 
 def run(args):
     if args.runs:
-        return print(f"plot: {plot_runs(args.runs.split(','), args.out or '.')}")
+        return print("plot: {} and {}".format(*plot_runs(args.runs.split(","), args.out or ".")))
     if not args.checkpoint:
         raise SettingsError("--checkpoint CKPT is needed (or --runs to compare training runs)")
     ranks = Ranks.from_env()     # under torchrun every rank evaluates a share; rank 0 reports

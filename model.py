@@ -16,7 +16,8 @@ Reasoning with Tiny Networks" (arXiv 2510.04871), whose TRM pseudocode is, in ou
 
 x is the embedded question, y the embedded answer, z the latent reasoning state; all are [B, P + L, D]
 with P prefix positions holding the puzzle embedding. The deep-supervision loop around deep_recursion
-lives in train.py.
+lives in train.py. The paper's steps from HRM to TRM (two networks, the 1-step gradient, ACT's continue
+loss, single and multi-scale z) are switches in TRMConfig, each its own function at the end of TRM.
 """
 import math
 from dataclasses import dataclass
@@ -224,14 +225,16 @@ class TRM(nn.Module):
         return torch.sigmoid(torch.where(last, q_next[:, 0], q_next.max(-1).values))
 
     # ------------------------------------------------------------------ the paper's ablations (Tables 1-2)
-    # Each is its own function beside TRM's, as the paper writes it; `recursion` picks one from the config.
+    # Each is its own function beside TRM's, as the paper writes it; TRM's functions above stay as they are.
 
     def recursion(self, x, y, z, n, T):
-        if self.cfg.latents != "yz":
-            return (self.single_z_recursion if self.cfg.latents == "single" else self.multi_z_recursion)(x, y, z, n, T)
-        if self.cfg.one_step_grad:
-            return self.one_step_grad_recursion(x, y, z, n, T)
-        return (self.separate_nets_recursion if self.cfg.separate_nets else self.deep_recursion)(x, y, z, n, T)
+        """TRM's deep_recursion, or the variant the config's switches name."""
+        cfg = self.cfg
+        variant = {"single": self.single_z_recursion, "multi": self.multi_z_recursion}.get(cfg.latents)
+        if variant is None:
+            variant = (self.one_step_grad_recursion if cfg.one_step_grad else
+                       self.separate_nets_recursion if cfg.separate_nets else self.deep_recursion)
+        return variant(x, y, z, n, T)
 
     def heads(self, h):
         return self.output_head(h)[:, self.cfg.puzzle_emb_len:], self.Q_head(h[:, 0])
@@ -261,7 +264,9 @@ class TRM(nn.Module):
     def one_step_grad_recursion(self, x, y, z, n, T):
         """HRM as the paper's Figure 2 writes it (z_L is z, z_H is y): f_L n times for each f_H call, T
         times, with the 1-step gradient approximation: every call but the last f_L and f_H runs without
-        gradient. With one net (no --separate-nets) it is Table 1's 'w/ 1-step gradient'."""
+        gradient. With one net (no --separate-nets) it is Table 1's 'w/ 1-step gradient'. The figure's loop
+        reads range(n*T - 2) and (i+1) % T; HRM's code and Table 1's depth (24 = 6 calls x 4 layers) make
+        it n*T f_L calls and T f_H calls, as here."""
         with torch.no_grad():
             for i in range(n * T - 1):
                 z = self.f_L(z, x + y)

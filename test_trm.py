@@ -1243,7 +1243,8 @@ def test_runs_are_compared_by_time_to_accuracy_and_draw_their_curves(workdir, ca
         evals = [json.loads(line) for line in open(f"tta_{schedule}/metrics.jsonl") if '"eval"' in line]
         assert [r["step"] for r in evals] == [2, 4] and 0 < evals[0]["train_seconds"] < evals[1]["train_seconds"]
     evaluate.main(["--runs", "tta_fixed,tta_curriculum", "--out", "compared"])
-    assert "plot: compared/runs_time_to_accuracy.png" in capsys.readouterr().out
+    assert "plot: compared/runs_time_to_accuracy.png and compared/runs_final_accuracy.png" in capsys.readouterr().out
+    assert os.path.getsize("compared/runs_final_accuracy.png") > 0
     expect_error(capsys, evaluate.main, ["--runs", "tta_fixed,nowhere"], "nowhere holds no metrics.jsonl")
 
 
