@@ -12,9 +12,11 @@ import dataclasses
 import functools
 import http.client
 import importlib
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import urllib.error
@@ -416,12 +418,19 @@ def with_hrm(presets):
             "hrm-paper": {**presets["paper"], **HRM, "mlp_t": False, "rope": True}}
 
 
+def field_notes(cls):
+    """The comment after each field of a config dataclass, for its --help line (% escaped for argparse)."""
+    fields = (re.match(r"\s+(\w+): [^#]*#\s*(.+)", line) for line in inspect.getsource(cls).splitlines())
+    return {m[1]: m[2].replace("%", "%%") for m in fields if m}
+
+
 def parse_args(argv, description=None):
     """train.py's command line: every field of TrainConfig and TRMConfig becomes a --flag; only the flags
     actually given are returned, so that a preset fills the rest."""
     from model import TRMConfig
     p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for cls in (TrainConfig, TRMConfig):
+        notes = field_notes(cls)
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
             if f.name == "bench":    # a bare --bench compares float32 and bfloat16
@@ -430,10 +439,10 @@ def parse_args(argv, description=None):
                                     "a bare --bench is float32,bfloat16")
             elif f.type is bool or f.type == "bool":
                 p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=f"(default {f.default})")
+                               help=f"{notes.get(f.name, '')} (default {f.default})")
             else:
                 p.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS,
-                               help=f"(default {f.default})")
+                               help=f"{notes.get(f.name, '')} (default {f.default})")
     p.add_argument("--n-sup", dest="N_sup", type=int, default=argparse.SUPPRESS,
                    help="supervision steps (default 16)")
     return vars(p.parse_args(argv))
