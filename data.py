@@ -347,7 +347,7 @@ TASKS = ("sudoku", "maze", "arc")
 @dataclass
 class TrainConfig:
     task: str = "sudoku"
-    preset: str = "auto"                 # paper on CUDA, cpu otherwise
+    preset: str = "auto"                 # paper on CUDA, cpu otherwise; hrm, hrm-paper: HRM at their scales
     preset_note: str = ""                # why this preset: chosen, or the default for this machine
     out: str = ""                        # default out/{task}-{preset}
     # data (each task reads the fields it needs)

@@ -4,6 +4,7 @@
     python evaluate.py --checkpoint CKPT --solve "<81 characters>"
 """
 import dataclasses
+import functools
 import glob
 import importlib
 import json
@@ -439,6 +440,11 @@ def setup_runtime(tcfg):
     # MPS is untested here (no Mac): float32 unless --dtype bfloat16 asks for autocast there.
     dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     compile_on = tcfg.compile == "on" or (tcfg.compile == "auto" and device.type == "cuda")
+    why_not = compile_on and device.type == "cpu" and cpu_compile_fails()
+    if why_not:   # the cpu presets ask for it; a laptop without a C++ compiler still trains, eagerly
+        print(f"torch.compile cannot build CPU code here ({why_not}), so training runs without it, about 1.5x "
+              f"slower", file=sys.stderr, flush=True)
+        compile_on = False
     if compile_on:         # each (n, T, N_sup) of a training depth schedule compiles once: keep them all
         limit = torch._dynamo.config.recompile_limit
         torch._dynamo.config.recompile_limit = max(limit, 2 * depth_count(tcfg))
@@ -449,6 +455,17 @@ def setup_runtime(tcfg):
     # bf16 forward with float32 master weights: autocast casts each weight once per region.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     return device, dtype, compile_on, autocast
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_compile_fails():
+    """Why torch.compile cannot build CPU code on this machine (it needs a working C++ compiler), or "" when it
+    can: a seconds-long probe on a two-line function."""
+    try:
+        torch.compile(lambda t: t * 2 + 1)(torch.ones(4))
+        return ""
+    except Exception as e:      # InductorError, a compiler's CalledProcessError, ...: any failure means eager
+        return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
 
 
 def depth_count(tcfg):

@@ -419,7 +419,7 @@ def test_unreachable_hub_gives_one_clear_sentence(tmp_path, monkeypatch):
 TINY = ["--task", "sudoku", "--preset", "cpu", "--d-model", "32", "--n-heads", "4", "--n", "1", "--T", "1",
         "--n-sup", "2", "--puzzle-emb-len", "1", "--batch-size", "16", "--train-puzzles", "40", "--num-aug", "2",
         "--test-puzzles", "16", "--eval-limit", "16", "--eval-interval", "0", "--log-interval", "60",
-        "--warmup-steps", "2"]
+        "--warmup-steps", "2", "--compile", "off"]
 
 
 @pytest.fixture(scope="module")
@@ -1591,6 +1591,21 @@ def train_a_few_steps(model, step_fn, steps=4, B=8):
     return torch.tensor(losses), [p.detach().clone() for p in model.parameters()] + [model.puzzle_emb.clone()]
 
 
+def test_without_a_working_cpu_compiler_the_run_goes_on_eagerly(monkeypatch, capsys):
+    # The cpu presets ask for torch.compile; a laptop without a C++ compiler must still train.
+    import torch._inductor.config
+    evaluate.cpu_compile_fails.cache_clear()
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/g++"))
+    try:
+        tcfg, _ = data.resolve_config({"task": "sudoku", "preset": "cpu"})
+        assert tcfg.compile == "on"
+        _, _, compile_on, _ = evaluate.setup_runtime(tcfg)
+    finally:
+        evaluate.cpu_compile_fails.cache_clear()
+    assert not compile_on
+    assert "torch.compile cannot build CPU code here" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mlp_t", [True, False])
 def test_compiled_supervision_step_trains_like_the_eager_one(mlp_t):
     # torch.compile (inductor, C++ on a CPU) fuses and reorders float32 arithmetic, so equality is within
@@ -1619,7 +1634,7 @@ def test_a_tiny_model_learns_tiny_mazes(workdir):
             "--d-model", "64", "--n-heads", "4", "--n", "1", "--T", "1", "--n-sup", "2", "--puzzle-emb-len", "1",
             "--batch-size", "64", "--train-puzzles", "2000", "--num-aug", "7", "--test-puzzles", "200",
             "--eval-limit", "200", "--lr", "3e-3", "--warmup-steps", "10", "--ema", "0.9", "--max-steps", "250",
-            "--eval-interval", "0", "--log-interval", "60", "--out", "learn_maze"]
+            "--eval-interval", "0", "--log-interval", "60", "--out", "learn_maze", "--compile", "off"]
     _, _, results = train.train(*data.resolve_config(data.parse_args(args)))
     assert results[-1]["exact"] >= 0.5, f"held-out exact accuracy {results[-1]['exact']:.0%} after 250 steps"
     assert results[-1]["valid"] >= results[-1]["exact"]     # an exact answer is a shortest path

@@ -88,8 +88,10 @@ def refill(model, carry, batch):
     """`y, z = y_init, z_init` for a new puzzle: slots that halted last step take the batch's puzzle at their
     position and restart from the initial states (as the reference does); the others keep theirs."""
     halted = carry["halted"]
-    fresh = dict(zip(("y", "z"), model.initial_state(halted.shape[0])), steps=torch.zeros_like(carry["steps"]),
-                 **{k: batch[k] for k in ("inputs", "labels", "puzzle_ids")})
+    y0, z0 = model.initial_state(halted.shape[0])
+    fresh = dict(y=y0, z=z0, steps=torch.zeros_like(carry["steps"]), inputs=batch["inputs"], labels=batch["labels"],
+                 puzzle_ids=batch["puzzle_ids"])
+    # halted [B] spread over each tensor's other dimensions: [B, L], [B, S, D], multi-scale z's [B, n, S, D]
     return dict({k: torch.where(halted.view(-1, *[1] * (v.dim() - 1)), v, carry[k]) for k, v in fresh.items()},
                 halted=halted)
 
