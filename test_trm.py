@@ -796,7 +796,8 @@ def test_weights_made_non_finite_stop_the_run_and_the_checkpoint_stays_finite(wo
         if step == 1:         # the second update overflows one weight, as a too-large step would
             next(model.parameters()).data[0] = float("inf")
     monkeypatch.setattr(train, "update", overflowing_update)
-    expect_error(capsys, train.main, TINY + ["--max-steps", "3", "--checkpoint-interval", "1", "--out", "overflow"],
+    expect_error(capsys, train.main, TINY + ["--lr", "1e-3", "--max-steps", "3", "--checkpoint-interval", "1",
+                                             "--out", "overflow"],
                  "step 2 made the weights non-finite (learning rate 0.001), so training stopped; the last "
                  "checkpoint, overflow/ckpt_00000001.pt, is intact", unchanged=False)
     state = evaluate.load_checkpoint(evaluate.checkpoints_in("overflow")[-1])
