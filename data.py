@@ -537,13 +537,13 @@ def check_config(tcfg, mcfg):
         if not 1 <= tcfg.depth_width < least:
             raise SettingsError(f"--depth-width is {tcfg.depth_width}; random depth draws n and T from value +- width "
                                 f"and each must stay at least 1, so expected 1 to {least - 1}")
-    check_variant(tcfg, mcfg)
     for name, value, allowed in (("depth-schedule", tcfg.depth_schedule, ("fixed", "curriculum", "random")),
                                  ("latents", mcfg.latents, ("yz", "single", "multi")),
                                  ("dtype", tcfg.dtype, ("auto", "float32", "bfloat16")),
                                  ("compile", tcfg.compile, ("auto", "on", "off"))):
         if value not in allowed:
             raise SettingsError(f"--{name} is {value!r}; expected {', '.join(allowed[:-1])} or {allowed[-1]}")
+    check_variant(tcfg, mcfg)
 
 
 def check_variant(tcfg, mcfg):

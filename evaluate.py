@@ -974,8 +974,10 @@ def run(args):
     model, tcfg_dict, mcfg = load_for_eval(args.checkpoint, args.task)
     if args.task and args.task != tcfg_dict["task"]:
         raise SettingsError(f"--task {args.task}: checkpoint {args.checkpoint} was trained on {tcfg_dict['task']}")
-    # the best device of this machine, whichever the checkpoint was trained on
-    tcfg = TrainConfig(**{**tcfg_dict, "dtype": args.dtype, "device": "auto", **({"data": args.data} if args.data else {})})
+    # the best device of this machine, whichever the checkpoint was trained on; evaluation runs eagerly, so a
+    # checkpoint from a compiling preset costs no compile probe here
+    tcfg = TrainConfig(**{**tcfg_dict, "dtype": args.dtype, "device": "auto", "compile": "off",
+                          **({"data": args.data} if args.data else {})})
     task = importlib.import_module(tcfg.task)
     device, _, _, autocast = setup_runtime(tcfg)
     model.to(device)
