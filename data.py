@@ -82,6 +82,7 @@ class Dataset:
     group_starts: np.ndarray  # [G + 1] int64, rows group_starts[g]:group_starts[g+1] are augmentations of puzzle g
     vocab_size: int
     num_puzzle_ids: int
+    demos: object = None      # ARC: the tasks' demonstrations for the DemoEncoder (arc.Demonstrations), not saved
 
     def __post_init__(self):
         n, L = self.inputs.shape
@@ -291,12 +292,13 @@ class Batches:
     """An endless stream of training batches that crosses epoch boundaries. Its whole state is
     (epoch, position), so it resumes exactly from a checkpoint."""
 
-    def __init__(self, ds, batch_size, seed, device, part=slice(None)):
+    def __init__(self, ds, batch_size, seed, device, part=slice(None), demos=False):
         if not 1 <= batch_size <= len(ds.inputs):
             raise DataError(f"batch size {batch_size} does not fit a dataset of {len(ds.inputs)} rows; "
                             f"expected 1 to {len(ds.inputs)}")
         self.ds, self.batch_size, self.seed, self.device = ds, batch_size, seed, device
         self.part = part    # this process's share of every global batch
+        self.demos = demos  # batches bring each row's demonstrations (the DemoEncoder reads them)
         self.epoch, self.pos = 0, 0
         self._rows = epoch_rows(ds, seed, 0)
 
@@ -322,16 +324,20 @@ class Batches:
             if self.pos == len(self._rows):
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._rows = epoch_rows(self.ds, self.seed, self.epoch)
-        return to_device(self.ds, np.concatenate(take)[self.part], self.device)
+        return to_device(self.ds, np.concatenate(take)[self.part], self.device, self.demos)
 
 
-def to_device(ds, rows, device):
-    """A batch as tensors: inputs/labels [B, L] int64, puzzle_ids [B] int64."""
-    return dict(
-        inputs=torch.from_numpy(ds.inputs[rows].astype(np.int64)).to(device, non_blocking=True),
-        labels=torch.from_numpy(ds.labels[rows].astype(np.int64)).to(device, non_blocking=True),
-        puzzle_ids=torch.from_numpy(ds.puzzle_ids[rows].astype(np.int64)).to(device, non_blocking=True),
-    )
+def to_device(ds, rows, device, demos=False):
+    """A batch as tensors: inputs/labels [B, L] int64, puzzle_ids [B] int64; with demos, each row's
+    demonstrations (arc.Demonstrations): demos [B, M, 2, L] int64 and demo_mask [B, M] bool."""
+    arrays = dict(inputs=ds.inputs[rows], labels=ds.labels[rows], puzzle_ids=ds.puzzle_ids[rows])
+    if demos:
+        if ds.demos is None:
+            raise DataError("this model reads demonstrations, and its data has none; "
+                            "expected ARC data (--task-embedding encoder is for ARC tasks)")
+        arrays["demos"], arrays["demo_mask"] = ds.demos.of_rows(ds, rows)
+    return {k: torch.from_numpy(v if v.dtype == bool else v.astype(np.int64)).to(device, non_blocking=True)
+            for k, v in arrays.items()}
 
 
 def eval_rows(ds, limit=None):
@@ -539,6 +545,7 @@ def check_config(tcfg, mcfg):
                                 f"and each must stay at least 1, so expected 1 to {least - 1}")
     for name, value, allowed in (("depth-schedule", tcfg.depth_schedule, ("fixed", "curriculum", "random")),
                                  ("latents", mcfg.latents, ("yz", "single", "multi")),
+                                 ("task-embedding", mcfg.task_embedding, ("id", "encoder")),
                                  ("dtype", tcfg.dtype, ("auto", "float32", "bfloat16")),
                                  ("compile", tcfg.compile, ("auto", "on", "off"))):
         if value not in allowed:
@@ -552,6 +559,10 @@ def check_variant(tcfg, mcfg):
     if mcfg.latents != "yz" and (mcfg.separate_nets or mcfg.one_step_grad):
         raise SettingsError(f"--latents {mcfg.latents} has no separate y to update, so --separate-nets and "
                             f"--one-step-grad do not apply; expected --latents yz with them")
+    if mcfg.task_embedding == "encoder" and (tcfg.task != "arc" or mcfg.encoder_layers < 1):
+        raise SettingsError(f"--task-embedding encoder with --task {tcfg.task} and --encoder-layers "
+                            f"{mcfg.encoder_layers}: the encoder reads ARC demonstrations, so expected --task arc "
+                            f"and at least 1 layer")
     if mcfg.latents == "multi" and tcfg.depth_schedule != "fixed":
         raise SettingsError(f"--latents multi keeps n latent features, so n cannot follow --depth-schedule "
                             f"{tcfg.depth_schedule}; expected --depth-schedule fixed")
@@ -570,10 +581,13 @@ def curriculum_stages(tcfg):
 
 
 def fit_to_data(mcfg, ds, fresh):
-    """The model config for this data: ARC's puzzle-id count comes from the data (one id per augmented task)."""
-    if ds.num_puzzle_ids > 1 and fresh:
+    """The model config for this data: ARC's puzzle-id count comes from the data (one id per augmented task).
+    The encoder keeps a one-row table: its data's ids only find each row's demonstrations."""
+    ids = mcfg.task_embedding == "id"
+    if ids and ds.num_puzzle_ids > 1 and fresh:
         mcfg = dataclasses.replace(mcfg, num_puzzle_ids=ds.num_puzzle_ids)
-    if mcfg.seq_len != ds.seq_len or mcfg.vocab_size != ds.vocab_size or mcfg.num_puzzle_ids < ds.num_puzzle_ids:
+    if (mcfg.seq_len != ds.seq_len or mcfg.vocab_size != ds.vocab_size
+            or ids and mcfg.num_puzzle_ids < ds.num_puzzle_ids):
         raise DataError(f"the data has sequences of {ds.seq_len} tokens over {ds.vocab_size} symbols and "
                         f"{ds.num_puzzle_ids} puzzle ids, but the model is set for {mcfg.seq_len}, "
                         f"{mcfg.vocab_size} and {mcfg.num_puzzle_ids}")

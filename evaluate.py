@@ -2,6 +2,7 @@
 
     python evaluate.py --checkpoint out/sudoku-cpu/ckpt_00004000.pt [--steps 32] [--limit 1000]
     python evaluate.py --checkpoint CKPT --solve "<81 characters>"
+    python evaluate.py --checkpoint CKPT --solve TASK.json      # ARC, a model trained with --task-embedding encoder
 """
 import dataclasses
 import functools
@@ -85,11 +86,11 @@ def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None,
     tokens = count = scored = 0
     kept = {k: ([], []) for k in keep}
     for start in range(mine.start, mine.stop, batch_size):
-        batch = to_device(ds, np.arange(start, min(start + batch_size, mine.stop)), device)
+        batch = to_device(ds, np.arange(start, min(start + batch_size, mine.stop)), device, model.reads_demos)
         inputs, labels = batch["inputs"], batch["labels"]
         mask = labels != 0
         y, z = model.initial_state(inputs.shape[0])
-        puzzle_rows = model.puzzle_emb[batch["puzzle_ids"]]
+        puzzle_rows = model.task_rows(batch)
         for k in range(1, N + 1):
             with autocast:
                 (y, z), logits, q = model(inputs, puzzle_rows, y, z)
@@ -125,16 +126,20 @@ def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None,
 
 @torch.no_grad()
 def during_training(task, tcfg, model, ds, device, autocast, ranks):
-    """train.py's periodic evaluation: held-out accuracy after N_sup steps, and for ARC its voted pass@k.
-    Returns the per-step results, the log line's text and the task's scores (rank 0's; the others' are empty)."""
+    """train.py's periodic evaluation: held-out accuracy after N_sup steps, and for ARC its voted pass@k (and an
+    encoder's collapse diagnostics). Returns the per-step results, the log line's text and the task's scores
+    (rank 0's; the others' are empty)."""
     N, score = model.cfg.N_sup, getattr(task, "score", None)
-    res = evaluate(model, ds, N, tcfg.batch_size // ranks.world, device, autocast, limit=tcfg.eval_limit or None,
+    B = tcfg.batch_size // ranks.world
+    res = evaluate(model, ds, N, B, device, autocast, limit=tcfg.eval_limit or None,
                    check=getattr(task, "check", None), keep=(N,) if score else (), ranks=ranks)
     last = res[-1]
     preds, halt = last.pop("preds", None), last.pop("halt", None)
+    diagnosed = task.diagnostics(model, tcfg, ds, device, autocast, ranks, B) if model.reads_demos else ({}, "")
     if not ranks.main:
         return res, "", {}
     scores, line = score(tcfg, preds, halt) if score else ({}, "")
+    scores, line = {**scores, **diagnosed[0]}, "\n".join(filter(None, (line, diagnosed[1])))
     accuracy = (f"exact {last['exact']:.2%}, token {last['token']:.2%} on {last['scored']} held-out rows"
                 if last["scored"] else f"unscored: none of the {last['count']} held-out rows has a known answer")
     return res, f"{accuracy} after {N} supervision steps (EMA weights)" + (f"; {line}" if line else ""), scores
@@ -152,7 +157,7 @@ def evaluate_halting(model, ds, N, batch_size, device, autocast, limit=None, ran
     B, L = max(1, min(batch_size, hi - lo)), ds.seq_len
     inputs = torch.zeros(B, L, dtype=torch.long, device=device)
     labels = torch.zeros_like(inputs)
-    ids = torch.zeros(B, dtype=torch.long, device=device)
+    rows = None       # per slot, what fills its prefix (model.task_rows), allocated at the first fill
     steps = torch.zeros(B, dtype=torch.long, device=device)
     active = torch.zeros(B, dtype=torch.bool, device=device)
     y0, z0 = model.initial_state(B)
@@ -164,8 +169,10 @@ def evaluate_halting(model, ds, N, batch_size, device, autocast, limit=None, ran
         take = min(len(free), hi - next_row)
         fresh = torch.zeros(B, dtype=torch.bool, device=device)
         if take:
-            slots, new = free[:take], to_device(ds, np.arange(next_row, next_row + take), device)
-            inputs[slots], labels[slots], ids[slots] = new["inputs"], new["labels"], new["puzzle_ids"]
+            slots, new = free[:take], to_device(ds, np.arange(next_row, next_row + take), device, model.reads_demos)
+            new_rows = model.task_rows(new)
+            rows = new_rows.new_zeros((B, *new_rows.shape[1:])) if rows is None else rows
+            inputs[slots], labels[slots], rows[slots] = new["inputs"], new["labels"], new_rows
             fresh[slots] = True
             next_row += take
         active = active | fresh
@@ -175,7 +182,7 @@ def evaluate_halting(model, ds, N, batch_size, device, autocast, limit=None, ran
         z = torch.where(fresh.view(-1, *[1] * (z.dim() - 1)), z0, z)      # multi-scale z is 4-D
         steps = torch.where(fresh, 0, steps) + 1
         with autocast:
-            (y, z), logits, q = model(inputs, model.puzzle_emb[ids], y, z)
+            (y, z), logits, q = model(inputs, rows, y, z)
         done = active & ((model.halt_logit(q) > math.log(threshold / (1 - threshold))) | (steps >= N))
         mask = labels != 0
         right = (logits.argmax(-1) == labels) & mask
@@ -250,10 +257,10 @@ def evaluate_breadth(model, ds, steps, breadths, batch_size, device, autocast, i
     kept = {k: ([], []) for k in steps} if keep else {}
     progress = Progress(mine.stop - mine.start)
     for start in range(mine.start, mine.stop, per_batch):
-        batch = to_device(ds, np.arange(start, min(start + per_batch, mine.stop)), device)
+        batch = to_device(ds, np.arange(start, min(start + per_batch, mine.stop)), device, model.reads_demos)
         labels, B = batch["labels"], len(batch["labels"])
         inputs = batch["inputs"].repeat_interleave(K, 0)                 # [B*K, L], a puzzle's K side by side
-        puzzle_rows = model.puzzle_emb[batch["puzzle_ids"]].repeat_interleave(K, 0)
+        puzzle_rows = model.task_rows(batch).repeat_interleave(K, 0)
         y, z = start_states(model, B * K, init, generator)
         y_out, live = y, torch.ones(B * K, dtype=torch.bool, device=device)
         used, change = torch.zeros(B * K, device=device), torch.zeros(B * K, device=device)
@@ -779,6 +786,9 @@ def find_checkpoint(resume, out):
     raise DataError(f"--resume auto found no complete checkpoint in {out}")
 
 
+BENCH_DEMOS = 3      # demonstrations per row in --bench of an encoder model: the synthetic tasks' (ARC's mean is 3.3)
+
+
 def bench(tcfg, mcfg, make_step):
     """`train.py --bench`: time full training steps (train.bench_step: forward, backward, AdamW, sign-SGD, EMA)
     on random puzzles of the configured shape, one line per variant; no data is built and nothing written."""
@@ -801,6 +811,9 @@ def bench(tcfg, mcfg, make_step):
         batch = dict(inputs=torch.randint(1, V, (B, L), device=device),
                      labels=torch.randint(1, V, (B, L), device=device),
                      puzzle_ids=torch.randint(0, mcfg.num_puzzle_ids, (B,), device=device))
+        if model.reads_demos:
+            batch.update(demos=torch.randint(1, V, (B, BENCH_DEMOS, 2, L), device=device),
+                         demo_mask=torch.ones(B, BENCH_DEMOS, dtype=torch.bool, device=device))
 
         def timed(steps):
             synchronize(device)
@@ -840,15 +853,16 @@ def flops_per_sample(mcfg):
         token MLP:   6·D·S·Ft (SwiGLU over positions)                     + 6·S·D·F
     A step makes T(n+1) net calls forward; backward costs twice the forward of the n+1 calls with gradient.
     The heads run once with gradient, x3: output head 2·S·D·V (it sees the prefix positions too), Q head
-    2·D·2."""
+    2·D·2. The DemoEncoder, with gradient, x3: BENCH_DEMOS pairs through encoder_layers blocks."""
     S, D, V = mcfg.puzzle_emb_len + mcfg.seq_len, mcfg.d_model, mcfg.vocab_size
     F = SwiGLU.width(D, mcfg.expansion)
     if mcfg.mlp_t:
         mix = 6 * D * S * SwiGLU.width(S, mcfg.expansion)
     else:
         mix = 2 * S * D * 4 * D + 4 * S * S * D
-    net = mcfg.n_layers * (mix + 6 * S * D * F)
-    return (mcfg.T * (mcfg.n + 1) + 2 * (mcfg.n + 1)) * net + 3 * (2 * S * D * V + 2 * D * 2)
+    layer = mix + 6 * S * D * F
+    encoder = 3 * BENCH_DEMOS * mcfg.encoder_layers * layer if mcfg.task_embedding == "encoder" else 0
+    return (mcfg.T * (mcfg.n + 1) + 2 * (mcfg.n + 1)) * mcfg.n_layers * layer + 3 * (2 * S * D * V + 2 * D * 2) + encoder
 
 
 def synchronize(device):
@@ -940,7 +954,8 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="override the test data source (generate, hub, or a path)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--out", default=None, help="folder for the table, plot and pictures (default: the checkpoint's)")
-    p.add_argument("--solve", default=None, help="solve one puzzle given as a string (sudoku: 81 characters)")
+    p.add_argument("--solve", default=None, help="solve one puzzle given as a string (sudoku: 81 characters; arc: "
+                   "an ARC task file, for a model trained with --task-embedding encoder)")
     p.add_argument("--halt", action="store_true", help="also run with halting: each puzzle stops when its halt "
                    "probability exceeds --halt-threshold; reports accuracy and the mean steps used")
     p.add_argument("--halt-threshold", type=float, default=0.95,
@@ -994,9 +1009,9 @@ def run(args):
     if args.noise < 0 or not math.isfinite(args.noise):
         raise SettingsError(f"--noise is {args.noise}; expected a finite standard deviation of at least 0")
 
+    if args.solve is not None and hasattr(task, "solve"):     # ARC: a task file, read by an encoder model
+        return task.solve(args.solve, model, tcfg, N, device, autocast, out)
     if args.solve is not None:
-        if not hasattr(task, "parse_solve"):
-            raise SettingsError(f"--solve is not available for {tcfg.task}: the model only knows the tasks it was trained on")
         inputs, labels = task.parse_solve(args.solve, mcfg)
         ds = Dataset.ungrouped(inputs, labels, mcfg.vocab_size)
         res = evaluate(model, ds, N, 1, device, autocast, keep=range(1, N + 1))
@@ -1008,6 +1023,9 @@ def run(args):
         return
 
     _, test_ds = task.build_datasets(tcfg, splits=("test",))
+    if test_ds.num_puzzle_ids > mcfg.num_puzzle_ids and not model.reads_demos:
+        raise SettingsError(f"--data {tcfg.data} holds tasks this model never trained on, and its puzzle ids exist only "
+                            f"for the tasks it trained on; expected a model trained with --task-embedding encoder")
     if args.breadth is not None:
         return run_breadth(args, model, mcfg, tcfg, task, test_ds, steps, device, autocast, ranks, out)
     score = getattr(task, "score", None)

@@ -49,6 +49,10 @@ class TRMConfig:
     one_step_grad: bool = False  # HRM's 1-step gradient: only the last f_L and f_H calls get gradient
     act_continue: bool = False   # HRM's ACT: a continue logit learnt by Q-learning; halt when halt > continue
     latents: str = "yz"          # yz (TRM), single (one state z), multi (n latent features z besides y)
+    # What fills the prefix: a learnt row per augmented puzzle (id, the paper's), or the DemoEncoder's reading
+    # of the task's demonstration pairs (encoder, ARC only), which can attempt tasks it never trained on.
+    task_embedding: str = "id"
+    encoder_layers: int = 2      # blocks of the DemoEncoder
 
 
 def trunc_normal_(w, std):
@@ -134,6 +138,36 @@ class Block(nn.Module):
         return rms_norm(h + self.mlp(h), self.eps)
 
 
+class DemoEncoder(nn.Module):
+    """--task-embedding encoder: the P prefix vectors read from the task's demonstration pairs instead of looked
+    up by puzzle id. Each pair is one sequence: P learnt summary slots, then its L cells, a cell's input and
+    output tokens embedded together (both canvases start at the top left). Blocks of TRM's kind mix it; the
+    slots of a task's pairs are averaged, so the pairs' order cannot matter and any number from 1 up reads
+    the same way."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.d_model
+        self.embed_in, self.embed_out = nn.Embedding(cfg.vocab_size, D), nn.Embedding(cfg.vocab_size, D)
+        trunc_normal_(self.embed_in.weight, 1.0)
+        trunc_normal_(self.embed_out.weight, 1.0)
+        self.slots = nn.Parameter(trunc_normal_(torch.empty(cfg.puzzle_emb_len, D), 1.0))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.encoder_layers))
+
+    def forward(self, demos, mask, cos_sin):     # demos [B, M, 2, L] tokens, mask [B, M]: the pairs to read
+        B, M, _, L = demos.shape
+        P, D = self.slots.shape
+        cells = self.embed_in(demos[:, :, 0]) + self.embed_out(demos[:, :, 1])                 # [B, M, L, D]
+        h = torch.cat((self.slots.expand(B * M, P, D), cells.flatten(0, 1)), 1)               # [B*M, P+L, D]
+        for block in self.blocks:
+            h = block(h, cos_sin)
+        pairs = h[:, :P].unflatten(0, (B, M))                                                   # [B, M, P, D]
+        w = mask.to(pairs.dtype)[:, :, None, None]
+        task = (pairs * w).sum(1) / w.sum(1).clamp_min(1)                                       # [B, P, D]
+        # a table row's scale: embed_input multiplies the prefix by sqrt(D), as the token embeddings
+        return task / math.sqrt(D)
+
+
 class TRM(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -155,6 +189,8 @@ class TRM(nn.Module):
         self.register_buffer("y_init", trunc_normal_(torch.empty(D), 1.0))
         self.register_buffer("z_init", trunc_normal_(torch.empty(D), 1.0))
         self.register_buffer("puzzle_emb", torch.zeros(cfg.num_puzzle_ids, D))
+        if cfg.task_embedding == "encoder":
+            self.encoder = DemoEncoder(cfg)
         if cfg.rope:
             S, hd = cfg.puzzle_emb_len + cfg.seq_len, D // cfg.n_heads
             inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
@@ -166,9 +202,26 @@ class TRM(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def task_rows(self, batch):
+        """What fills the prefix for a batch: its puzzle-embedding rows [B, D] (the paper), or with the
+        encoder its reading of each row's demonstrations [B, P, D]."""
+        if self.reads_demos:
+            return self.encoder(batch["demos"], batch["demo_mask"], self.positions())
+        return self.puzzle_emb[batch["puzzle_ids"]]
+
+    @property
+    def reads_demos(self):
+        """Whether batches must bring each row's demonstrations (data.to_device's demos)."""
+        return self.cfg.task_embedding == "encoder"
+
+    def positions(self):
+        return (self.rope_cos, self.rope_sin) if self.cfg.rope else None
+
     def embed_input(self, inputs, puzzle_rows):
-        """x: the question tokens [B, L] with the puzzle embedding rows [B, D] as prefix position 0 of P."""
-        prefix = F.pad(puzzle_rows[:, None], (0, 0, 0, self.cfg.puzzle_emb_len - 1))      # [B, P, D], row then zeros
+        """x: the question tokens [B, L] after P prefix positions: a puzzle-embedding row [B, D] in the first and
+        zeros in the rest, or the encoder's P vectors [B, P, D]."""
+        prefix = (puzzle_rows if puzzle_rows.dim() == 3 else                                # [B, P, D]
+                  F.pad(puzzle_rows[:, None], (0, 0, 0, self.cfg.puzzle_emb_len - 1)))
         tokens = self.embed_tokens(inputs)                                                  # [B, L, D]
         return self.embed_scale * torch.cat((prefix.to(tokens.dtype), tokens), dim=1)       # [B, P+L, D]
 
@@ -181,7 +234,7 @@ class TRM(nn.Module):
 
     def net(self, h, injection, blocks=None):
         """The one tiny network: net(x, y, z) of the paper is net(z, x + y); net(y, z) is net(y, z)."""
-        cos_sin = (self.rope_cos, self.rope_sin) if self.cfg.rope else None
+        cos_sin = self.positions()
         h = h + injection       # the reference injects by addition, never concatenation
         for block in self.blocks if blocks is None else blocks:
             h = block(h, cos_sin)

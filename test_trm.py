@@ -1639,3 +1639,135 @@ def test_a_tiny_model_learns_tiny_mazes(workdir):
     _, _, results = train.train(*data.resolve_config(data.parse_args(args)))
     assert results[-1]["exact"] >= 0.5, f"held-out exact accuracy {results[-1]['exact']:.0%} after 250 steps"
     assert results[-1]["valid"] >= results[-1]["exact"]     # an exact answer is a shortest path
+
+
+# ---------------------------------------------------------------------------- the demonstration encoder
+
+def encoder_model(**kw):
+    return tiny_model(vocab_size=12, seq_len=16, puzzle_emb_len=2, n=2, T=2, mlp_t=False, rope=True,
+                      task_embedding="encoder", **kw)
+
+
+def encoder_batch(model, B=4, M=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L, V = model.cfg.seq_len, model.cfg.vocab_size
+    return dict(tiny_batch(model, B, seed), demos=torch.randint(1, V, (B, M, 2, L), generator=g),
+                demo_mask=torch.ones(B, M, dtype=torch.bool))
+
+
+def test_the_encoder_reads_the_pairs_in_any_order_and_only_those_that_count():
+    model = encoder_model().eval()
+    batch = encoder_batch(model, M=4)
+    batch["demo_mask"][:, 3] = False       # a blank slot past the task's pairs
+    with torch.no_grad():
+        rows = model.task_rows(batch)                                                  # [B, P, D]
+        order = torch.tensor([2, 0, 1, 3])
+        shuffled = model.task_rows(dict(batch, demos=batch["demos"][:, order], demo_mask=batch["demo_mask"][:, order]))
+        torch.testing.assert_close(shuffled, rows, rtol=0, atol=1e-6)
+        # what sits in a slot that does not count changes nothing; a pair that counts changes the task vectors
+        blanked = batch["demos"].clone()
+        blanked[:, 3] = 0
+        assert torch.equal(model.task_rows(dict(batch, demos=blanked)), rows)
+        blanked[:, 0] = 0
+        assert (model.task_rows(dict(batch, demos=blanked)) - rows).abs().amax(-1).amin() > 1e-4
+    assert rows.shape == (4, 2, model.cfg.d_model)
+
+
+def test_the_encoder_is_trained_by_the_deep_supervision_loss_and_the_table_is_not_used():
+    """Autograd's evidence: every encoder weight gets gradient through the prefix of x, and the result carries no
+    table gradient, so the sparse sign-SGD step is skipped."""
+    model = encoder_model().train()
+    batch = encoder_batch(model)
+    result = one_step(model, train.initial_carry(model, batch), batch)
+    assert not result.puzzle_rows.is_leaf and result.puzzle_rows.requires_grad
+    result.loss.backward()
+    for name, p in model.encoder.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"encoder {name} got no gradient"
+    assert model.puzzle_emb.shape[0] == 1 and model.puzzle_emb.grad is None
+
+
+def synthetic_build(train_count=24, heldout_count=8, num_aug=2):
+    train_tasks, heldout, params = arc.synthetic_tasks(train_count, heldout_count, seed=3)
+    return (train_tasks, heldout, params), arc.build(train_tasks, heldout, num_aug, seed=0, size=10, unseen=True)
+
+
+def unmoved_grid(canvas):
+    """The grid of a training row's canvas, wherever it was moved to."""
+    canvas = np.asarray(canvas).reshape(10, 10)
+    rows, cols = np.flatnonzero(canvas.any(1)), np.flatnonzero(canvas.any(0))
+    return arc.tokens_to_grid(np.pad(canvas[rows[0]:, cols[0]:], ((0, rows[0]), (0, cols[0]))))
+
+
+def test_a_training_row_never_reads_its_own_pair():
+    """Every training row's demonstrations are its task's under its transform, without the pair it is: its own
+    output is not among the outputs it reads (the synthetic tasks' demonstrations differ from each other)."""
+    (train_tasks, _, _), (train_ds, _, _, _) = synthetic_build()
+    rows = np.arange(len(train_ds.inputs))
+    demos, mask = train_ds.demos.of_rows(train_ds, rows)
+    names = list(train_tasks)
+    own_seen = left_out = 0
+    for r in rows:
+        pid = train_ds.puzzle_ids[r]
+        task = arc.augment_task(train_tasks[names[train_ds.demos.id_task[pid]]], train_ds.demos.id_k[pid],
+                                train_ds.demos.id_perm[pid])
+        read = [(arc.tokens_to_grid(demos[r, m, 0]), arc.tokens_to_grid(demos[r, m, 1])) for m in np.flatnonzero(mask[r])]
+        label = unmoved_grid(train_ds.labels[r])
+        is_demo = any(np.array_equal(label, out) for _, out in task["train"])
+        own_seen += any(np.array_equal(label, out) for _, out in read)
+        left_out += is_demo
+        assert len(read) == len(task["train"]) - is_demo
+        assert all(any(np.array_equal(i, a) and np.array_equal(o, b) for a, b in task["train"]) for i, o in read)
+    assert own_seen == 0 and 0 < left_out < len(rows)     # test pairs of training tasks read all demonstrations
+
+
+def test_synthetic_heldout_tasks_share_no_parameters_and_are_never_trained_on():
+    (train_tasks, heldout, params), (train_ds, test_ds, meta, _) = synthetic_build()
+    train_keys = {params[t] for t in train_tasks}
+    assert not train_keys & {params[t] for t in heldout}
+    assert not {f for f, _ in train_keys} & set(arc.HELDOUT_FAMILIES)
+    assert {params[t][0] for t in heldout} & set(arc.HELDOUT_FAMILIES)
+    assert len({f for f, _ in train_keys}) >= 12
+    # more training tasks leave the held-out tasks as they were
+    _, heldout_again, _ = arc.synthetic_tasks(48, 8, seed=3)
+    assert all(np.array_equal(a, b) for t in heldout for pa, pb in zip(heldout[t]["train"], heldout_again[t]["train"])
+               for a, b in zip(pa, pb))
+    # no training row belongs to a held-out task, and the held-out test rows read their own task's demonstrations
+    task_of_row = train_ds.demos.id_task[train_ds.puzzle_ids]
+    assert task_of_row.max() < len(train_tasks) and len(train_ds.inputs) == len(train_tasks) * 3 * 4
+    assert set(train_ds.demos.id_task[test_ds.puzzle_ids]) == set(range(len(train_tasks), len(train_tasks) + 8))
+    assert bool(meta["unseen"])
+    shuffled = test_ds.demos.shuffled()
+    assert (shuffled.id_task[test_ds.puzzle_ids] != test_ds.demos.id_task[test_ds.puzzle_ids]).all()
+
+
+ENCODER_TINY = ["--task", "arc", "--preset", "synthetic", "--train-puzzles", "24", "--test-puzzles", "8",
+                "--num-aug", "1", "--d-model", "16", "--n-heads", "2", "--n", "1", "--T", "1", "--n-sup", "2",
+                "--encoder-layers", "1", "--batch-size", "8", "--max-steps", "3", "--log-interval", "60",
+                "--eval-limit", "8", "--eval-interval", "0", "--compile", "off"]
+
+
+def test_an_encoder_model_trains_reports_its_diagnostics_and_solves_a_conceptarc_file(workdir, capsys):
+    train.main(ENCODER_TINY + ["--out", "encoder"])
+    out = capsys.readouterr().out
+    assert "24 training and 8 unseen evaluation tasks" in out and "pass@2 by family" in out
+    assert "mean cosine similarity" in out and "with another task's demonstrations" in out
+    record = [json.loads(l) for l in open("encoder/metrics.jsonl") if '"eval"' in l][-1]
+    assert -1 <= record["task_vector_cosine"] <= 1 and "shuffled_demos_pass@2" in record
+    ckpt = evaluate.checkpoints_in("encoder")[-1]
+    small = [f for f in sorted(glob.glob(os.path.join(CONCEPTARC, "**", "*.json"), recursive=True))
+             if arc.largest_side(arc.load_directory(os.path.dirname(f))[os.path.basename(f)[:-5]]) <= 10]
+    task_file = small[0] if small else "task.json"
+    if not small:       # a clone without the shared data: a small task file of our own
+        json.dump(arc_task([[1, 0], [0, 2]]), open(task_file, "w"))
+    evaluate.main(["--checkpoint", ckpt, "--solve", task_file, "--out", "solved"])
+    out = capsys.readouterr().out
+    assert "test input 0" in out and ("attempt 1" in out or "no attempt" in out)
+    assert glob.glob("solved/arc_solve_*_0.png")
+
+
+def test_an_id_model_says_in_one_sentence_why_it_cannot_solve_a_new_task(workdir, capsys):
+    train.main(ENCODER_TINY + ["--task-embedding", "id", "--out", "id_model"])
+    capsys.readouterr()
+    json.dump(arc_task([[1, 0], [0, 2]]), open("task.json", "w"))
+    expect_error(capsys, evaluate.main, ["--checkpoint", evaluate.checkpoints_in("id_model")[-1], "--solve",
+                                         "task.json", "--out", "id_solved"], "cannot attempt a new task")

@@ -89,8 +89,7 @@ def refill(model, carry, batch):
     position and restart from the initial states (as the reference does); the others keep theirs."""
     halted = carry["halted"]
     y0, z0 = model.initial_state(halted.shape[0])
-    fresh = dict(y=y0, z=z0, steps=torch.zeros_like(carry["steps"]), inputs=batch["inputs"], labels=batch["labels"],
-                 puzzle_ids=batch["puzzle_ids"])
+    fresh = dict(batch, y=y0, z=z0, steps=torch.zeros_like(carry["steps"]))
     # halted [B] spread over each tensor's other dimensions: [B, L], [B, S, D], multi-scale z's [B, n, S, D]
     return dict({k: torch.where(halted.view(-1, *[1] * (v.dim() - 1)), v, carry[k]) for k, v in fresh.items()},
                 halted=halted)
@@ -112,8 +111,8 @@ class StepResult:
     carry: dict                       # y, z and the puzzles in flight, for the next step
     stats: dict                       # sums over the batch for the log line
     puzzle_ids: torch.Tensor          # [B] the rows of the puzzle-embedding table used
-    puzzle_rows: torch.Tensor         # [B, D] those rows, as a leaf tensor that backward fills
-    puzzle_grad: torch.Tensor = None  # [B, D] their gradient, once backward has run (accumulated_step)
+    puzzle_rows: torch.Tensor         # [B, D] those rows, as a leaf tensor that backward fills (encoder: [B, P, D])
+    puzzle_grad: torch.Tensor = None  # [B, D] their gradient, once backward has run; None with the encoder
 
 
 def supervision_step(model, carry, min_steps, autocast, depth=None, decay=1.0):
@@ -123,8 +122,11 @@ def supervision_step(model, carry, min_steps, autocast, depth=None, decay=1.0):
     CGAR's lambda, supervision step k of a slot weighted lambda^(k-1). torch.compile compiles this."""
     n, T, N_sup = depth or (model.cfg.n, model.cfg.T, model.cfg.N_sup)
     steps = carry["steps"] + 1
-    # The batch's rows of the puzzle-embedding table as a leaf, so backward gives exactly their gradient.
-    puzzle_rows = model.puzzle_emb[carry["puzzle_ids"]].requires_grad_(model.training)
+    # The batch's rows of the puzzle-embedding table as a leaf, so backward gives exactly their gradient; the
+    # encoder's output instead carries its graph back to the encoder's weights, which AdamW trains.
+    puzzle_rows = model.task_rows(carry)
+    if puzzle_rows.is_leaf:
+        puzzle_rows.requires_grad_(model.training)
     with autocast:
         (y, z), logits, q = model(carry["inputs"], puzzle_rows, carry["y"], carry["z"], n, T)
         continue_loss = None
@@ -155,15 +157,17 @@ def accumulated_step(step_fn, model, carry, min_steps, micro, global_batch, auto
         rows = slice(i, i + micro)
         part = step_fn(model, {k: v[rows] for k, v in carry.items()}, min_steps[rows], autocast, depth, decay)
         (part.loss / global_batch).backward()
-        parts.append(dataclasses.replace(part, loss=part.loss.detach(), puzzle_grad=part.puzzle_rows.grad))
+        parts.append(dataclasses.replace(part, loss=part.loss.detach(),
+                                         puzzle_grad=part.puzzle_rows.grad if part.puzzle_rows.is_leaf else None))
     if len(parts) == 1:
         return parts[0]
+    table = parts[0].puzzle_grad is not None
     return StepResult(loss=sum(p.loss for p in parts),
                       carry={k: torch.cat([p.carry[k] for p in parts]) for k in parts[0].carry},
                       stats={k: sum(p.stats[k] for p in parts) for k in parts[0].stats},
                       puzzle_ids=torch.cat([p.puzzle_ids for p in parts]),
                       puzzle_rows=torch.cat([p.puzzle_rows.detach() for p in parts]),
-                      puzzle_grad=torch.cat([p.puzzle_grad for p in parts]))
+                      puzzle_grad=torch.cat([p.puzzle_grad for p in parts]) if table else None)
 
 
 def all_reduce_step(ranks, params, result):
@@ -177,13 +181,14 @@ def all_reduce_step(ranks, params, result):
     ranks.sum_all([p.grad for p in params] + [extra])
     return dataclasses.replace(result, loss=extra[0], stats=dict(zip(names, extra[1:])),
                                puzzle_ids=ranks.gather(result.puzzle_ids),
-                               puzzle_grad=ranks.gather(result.puzzle_grad))
+                               puzzle_grad=result.puzzle_grad if result.puzzle_grad is None else
+                               ranks.gather(result.puzzle_grad))
 
 
 def all_finite(*tensors):
     """Whether every element is finite, with one host sync: the price of never applying an update computed
-    from a NaN or inf (a NaN or inf anywhere makes the sum non-finite)."""
-    return bool(torch.isfinite(torch.stack([t.detach().float().sum() for t in tensors]).sum()))
+    from a NaN or inf (a NaN or inf anywhere makes the sum non-finite). None, a tensor the run lacks, is skipped."""
+    return bool(torch.isfinite(torch.stack([t.detach().float().sum() for t in tensors if t is not None]).sum()))
 
 
 def depth_at(step, total, tcfg, mcfg):
@@ -231,8 +236,9 @@ def update(optimizer, model, ema_params, result, step, tcfg):
     EMA of the weights (the paper's EMA 0.999)."""
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    puzzle_emb_step(model.puzzle_emb, result.puzzle_ids, result.puzzle_grad,
-                    lr_at(step, tcfg, tcfg.puzzle_emb_lr), tcfg.puzzle_emb_weight_decay)
+    if result.puzzle_grad is not None:     # None: the encoder, whose weights AdamW has just updated
+        puzzle_emb_step(model.puzzle_emb, result.puzzle_ids, result.puzzle_grad,
+                        lr_at(step, tcfg, tcfg.puzzle_emb_lr), tcfg.puzzle_emb_weight_decay)
     for e, p in zip(ema_params, model.parameters()):
         e.lerp_(p, 1 - tcfg.ema)
 
@@ -261,7 +267,7 @@ def train(tcfg, mcfg, resume_state=None):
                 run.skip_nonfinite()                   # or StopTraining, past --skip-nonfinite steps
                 continue
             update(run.optimizer, model, run.ema_model.parameters(), result, run.step, tcfg)
-            run.stop_if_weights_nonfinite(result.puzzle_ids, lr)
+            run.stop_if_weights_nonfinite(result, lr)
             run.step += 1
             run.carry = result.carry
             if run.folder:                             # --overwrite: the old run goes once a step has worked
@@ -351,7 +357,8 @@ class Run:
         ema_model = copy.deepcopy(model, memo={id(model.puzzle_emb): model.puzzle_emb}).eval()
         ema_model.requires_grad_(False)
         optimizer = adamw(model, tcfg, device)
-        batches = Batches(train_ds, tcfg.batch_size, tcfg.seed, device, ranks.rows(tcfg.batch_size))
+        batches = Batches(train_ds, tcfg.batch_size, tcfg.seed, device, ranks.rows(tcfg.batch_size),
+                          demos=model.reads_demos)
         total_steps = tcfg.max_steps or max(1, int(tcfg.epochs * rows_per_epoch(train_ds) // tcfg.batch_size))
         micro = micro_batch_size(tcfg, mcfg, device, ranks.world)
         table = model.puzzle_emb
@@ -394,9 +401,10 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         self.carry = None    # the states in flight may be non-finite too: refill every slot
 
-    def stop_if_weights_nonfinite(self, puzzle_ids, lr):
-        """After an update: NaN or inf weights, EMA or puzzle-embedding rows stop the run before a save."""
-        if not all_finite(*self.params, *self.ema_model.parameters(), self.model.puzzle_emb[puzzle_ids]):
+    def stop_if_weights_nonfinite(self, result, lr):
+        """After an update: NaN or inf weights, EMA or updated puzzle-embedding rows stop the run before a save."""
+        rows = None if result.puzzle_grad is None else self.model.puzzle_emb[result.puzzle_ids]
+        if not all_finite(*self.params, *self.ema_model.parameters(), rows):
             raise StopTraining(f"step {self.step + 1} made the weights non-finite (learning rate {lr:g}), so "
                                f"training stopped; the last checkpoint, {self.last_ckpt or 'none yet'}, "
                                f"is intact")
