@@ -850,11 +850,11 @@ PRESETS = with_hrm({
                 eval_interval=0, eval_limit=8, checkpoint_interval=200, dtype="bfloat16"),
     # Unseen tasks on a CPU: synthetic tasks, the held-out ones never trained on, read by the DemoEncoder
     # (--task-embedding id is the baseline, whose ids for held-out tasks are never trained).
-    "synthetic": dict(data="synthetic", train_puzzles=1200, test_puzzles=120, num_aug=8, size=10,
-                      vocab_size=VOCAB_SIZE, seq_len=100, d_model=64, n_layers=2, n_heads=4, expansion=4.0, mlp_t=False,
-                      rope=True, puzzle_emb_len=4, n=2, T=2, N_sup=8, batch_size=64, lr=1e-3, warmup_steps=100,
+    "synthetic": dict(data="synthetic", train_puzzles=3000, test_puzzles=120, num_aug=3, size=6,
+                      vocab_size=VOCAB_SIZE, seq_len=36, d_model=64, n_layers=2, n_heads=4, expansion=4.0, mlp_t=False,
+                      rope=True, puzzle_emb_len=4, n=2, T=2, N_sup=4, batch_size=64, lr=1e-3, warmup_steps=100,
                       weight_decay=0.1, puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1, ema=0.99, epochs=0,
-                      max_steps=3000, eval_interval=500, eval_limit=120, checkpoint_interval=500, dtype="float32",
+                      max_steps=9000, eval_interval=1500, eval_limit=120, checkpoint_interval=1500, dtype="float32",
                       compile="on", task_embedding="encoder", encoder_layers=2),
 })
 
@@ -992,42 +992,47 @@ def by_family(per_task):
 
 
 @torch.no_grad()
-def diagnostics(model, tcfg, ds, device, autocast, ranks, batch_size):
-    """Whether an encoder model reads the demonstrations (evaluate.during_training prints it at every evaluation):
-    the mean cosine similarity between the task vectors of different held-out tasks (1: the encoder says the same
-    whatever it reads, collapse), and pass@2 when every test input is given another task's demonstrations (it
-    must fall if the answers come from the demonstrations). Returns (scores, line); rank 0's only."""
-    from evaluate import evaluate      # evaluate.py imports the task modules, not the other way round
+def diagnostics(model, tcfg, ds, device, autocast, ranks, batch_size, evaluate):
+    """Whether an encoder model reads the demonstrations (evaluate.during_training prints it at every evaluation).
+    Task vectors of different held-out tasks: their mean cosine similarity (1: the encoder says the same whatever
+    it reads, collapse), and their spread, the share of their squared norm that differs between tasks (0:
+    collapse; the cosine alone stays near 1 when a large shared part hides what differs). And the answers when
+    every test input is given another task's demonstrations: token accuracy and pass@2 must fall if the model
+    reads the demonstrations. evaluate: evaluate.evaluate (this module sits below evaluate.py). Returns (scores,
+    line); rank 0's only."""
     _, _, meta, _ = prepared(tcfg)
     rows = np.arange(eval_rows(ds, tcfg.eval_limit or None))
     vectors = torch.cat([model.task_rows(to_device(ds, rows[i:i + batch_size], device, True)).flatten(1).float()
-                         for i in range(0, len(rows), batch_size)])
-    vectors = torch.nn.functional.normalize(vectors, dim=1)
+                         for i in range(0, len(rows), batch_size)])                                # [rows, P*D]
+    spread = float((vectors - vectors.mean(0)).pow(2).sum() / vectors.pow(2).sum().clamp_min(1e-30))
+    unit = torch.nn.functional.normalize(vectors, dim=1)
     task = torch.from_numpy(meta["task"][rows]).to(device)
     other = task[:, None] != task[None, :]
-    cosine = float((vectors @ vectors.T)[other].mean()) if other.any() else math.nan
+    cosine = float((unit @ unit.T)[other].mean()) if other.any() else math.nan
     shuffled = dataclasses.replace(ds, demos=ds.demos.shuffled())
     res = evaluate(model, shuffled, model.cfg.N_sup, batch_size, device, autocast, limit=tcfg.eval_limit or None,
                    keep=(model.cfg.N_sup,), ranks=ranks)
     if not ranks.main:
         return {}, ""
     scores, _ = score(tcfg, res[-1]["preds"], res[-1]["halt"])
-    out = {"task_vector_cosine": cosine, "shuffled_demos_pass@2": scores["pass@2"]}
+    out = {"task_vector_cosine": cosine, "task_vector_spread": spread, "shuffled_demos_token": res[-1]["token"],
+           "shuffled_demos_exact": res[-1]["exact"], "shuffled_demos_pass@2": scores["pass@2"]}
     if "per_family_pass@2" in scores:
         out["shuffled_per_family_pass@2"] = scores["per_family_pass@2"]
     shown_pass = "unscored" if scores["pass@2"] is None else f"{scores['pass@2']:.2%}"
-    return out, (f"encoder: task vectors of different tasks at mean cosine similarity {cosine:.3f} (1: collapsed); "
-                 f"pass@2 {shown_pass} with another task's demonstrations")
+    return out, (f"encoder: task vectors of different tasks at mean cosine similarity {cosine:.3f} (1: collapsed), "
+                 f"spread {spread:.3f} (0: collapsed); with another task's demonstrations: token {res[-1]['token']:.2%}, "
+                 f"pass@2 {shown_pass}")
 
 
-def solve(path, model, tcfg, N, device, autocast, out):
+def solve_task_file(path, model, tcfg, N, device, autocast, out, evaluate):
     """evaluate.py --solve TASK.json: an encoder model's two attempts at each test input of a task it has never
-    seen, from its demonstrations alone, voted across the run's augmentations; printed, and drawn into out."""
+    seen, from its demonstrations alone, voted across the run's augmentations; printed, and drawn into out.
+    evaluate: evaluate.evaluate."""
     if not model.reads_demos:
         raise SettingsError("this model was trained with puzzle ids (--task-embedding id), which exist only for the "
                             "tasks it trained on, so it cannot attempt a new task; expected a model trained with "
                             "--task-embedding encoder, which reads the task's demonstrations")
-    from evaluate import evaluate
     name = os.path.splitext(os.path.basename(path))[0]
     task = _task(_read_json(path, "an ARC task file"), f"task {name} ({path})")
     _, test_ds, meta, _ = build({}, {name: task}, tcfg.num_aug, tcfg.data_seed, tcfg.size, unseen=True)

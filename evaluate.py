@@ -135,7 +135,7 @@ def during_training(task, tcfg, model, ds, device, autocast, ranks):
                    check=getattr(task, "check", None), keep=(N,) if score else (), ranks=ranks)
     last = res[-1]
     preds, halt = last.pop("preds", None), last.pop("halt", None)
-    diagnosed = task.diagnostics(model, tcfg, ds, device, autocast, ranks, B) if model.reads_demos else ({}, "")
+    diagnosed = task.diagnostics(model, tcfg, ds, device, autocast, ranks, B, evaluate) if model.reads_demos else ({}, "")
     if not ranks.main:
         return res, "", {}
     scores, line = score(tcfg, preds, halt) if score else ({}, "")
@@ -1009,8 +1009,8 @@ def run(args):
     if args.noise < 0 or not math.isfinite(args.noise):
         raise SettingsError(f"--noise is {args.noise}; expected a finite standard deviation of at least 0")
 
-    if args.solve is not None and hasattr(task, "solve"):     # ARC: a task file, read by an encoder model
-        return task.solve(args.solve, model, tcfg, N, device, autocast, out)
+    if args.solve is not None and hasattr(task, "solve_task_file"):     # ARC: a task file, read by an encoder model
+        return task.solve_task_file(args.solve, model, tcfg, N, device, autocast, out, evaluate)
     if args.solve is not None:
         inputs, labels = task.parse_solve(args.solve, mcfg)
         ds = Dataset.ungrouped(inputs, labels, mcfg.vocab_size)
@@ -1033,6 +1033,8 @@ def run(args):
                    check=getattr(task, "check", None), keep=(N,) if score else (), ranks=ranks)
     halting = args.halt and evaluate_halting(model, test_ds, N, args.batch_size or 256, device, autocast,
                                              limit=args.limit or None, ranks=ranks, threshold=args.halt_threshold)
+    diagnosed = model.reads_demos and task.diagnostics(model, dataclasses.replace(tcfg, eval_limit=args.limit), test_ds,
+                                                        device, autocast, ranks, args.batch_size or 256, evaluate)
     if not ranks.main:     # the others only took part in the evaluations
         return
     make_folder(out)
@@ -1048,6 +1050,8 @@ def run(args):
     print(f"plot: {path}")
     if score:
         print(f"after {N} steps: " + score(tcfg, res[-1]["preds"], res[-1]["halt"], out=out)[1])
+    if diagnosed:
+        print(diagnosed[1])
     if halting:
         print(f"with halting at p > {args.halt_threshold}: exact {halting['exact']:.2%}, token {halting['token']:.2%}, "
               f"{halting['mean_steps']:.2f} steps on average (at most {N}); "

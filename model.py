@@ -140,32 +140,32 @@ class Block(nn.Module):
 
 class DemoEncoder(nn.Module):
     """--task-embedding encoder: the P prefix vectors read from the task's demonstration pairs instead of looked
-    up by puzzle id. Each pair is one sequence: P learnt summary slots, then its L cells, a cell's input and
-    output tokens embedded together (both canvases start at the top left). Blocks of TRM's kind mix it; the
-    slots of a task's pairs are averaged, so the pairs' order cannot matter and any number from 1 up reads
-    the same way."""
+    up by puzzle id. Each pair is one sequence: P learnt summary slots, then its L cells, a cell's (input,
+    output) tokens embedded as one symbol of V*V (both canvases start at the top left), so that even a plain
+    average over the cells keeps which colour became which. Blocks of TRM's kind mix it; the slots of a
+    task's pairs are averaged, so the pairs' order cannot matter and any number from 1 up reads the same way."""
 
     def __init__(self, cfg):
         super().__init__()
         D = cfg.d_model
-        self.embed_in, self.embed_out = nn.Embedding(cfg.vocab_size, D), nn.Embedding(cfg.vocab_size, D)
-        trunc_normal_(self.embed_in.weight, 1.0)
-        trunc_normal_(self.embed_out.weight, 1.0)
+        self.vocab_size = cfg.vocab_size
+        self.embed_pair = nn.Embedding(cfg.vocab_size ** 2, D)
+        trunc_normal_(self.embed_pair.weight, 1.0)
         self.slots = nn.Parameter(trunc_normal_(torch.empty(cfg.puzzle_emb_len, D), 1.0))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.encoder_layers))
 
     def forward(self, demos, mask, cos_sin):     # demos [B, M, 2, L] tokens, mask [B, M]: the pairs to read
         B, M, _, L = demos.shape
         P, D = self.slots.shape
-        cells = self.embed_in(demos[:, :, 0]) + self.embed_out(demos[:, :, 1])                 # [B, M, L, D]
+        cells = self.embed_pair(demos[:, :, 0] * self.vocab_size + demos[:, :, 1])              # [B, M, L, D]
         h = torch.cat((self.slots.expand(B * M, P, D), cells.flatten(0, 1)), 1)               # [B*M, P+L, D]
         for block in self.blocks:
             h = block(h, cos_sin)
         pairs = h[:, :P].unflatten(0, (B, M))                                                   # [B, M, P, D]
         w = mask.to(pairs.dtype)[:, :, None, None]
-        task = (pairs * w).sum(1) / w.sum(1).clamp_min(1)                                       # [B, P, D]
-        # a table row's scale: embed_input multiplies the prefix by sqrt(D), as the token embeddings
-        return task / math.sqrt(D)
+        # The mean over the counted pairs [B, P, D], of RMS at most 1; embed_input's sqrt(D) then makes it stand
+        # out of x as trained table rows do (at 1/sqrt(D) scale, as tokens, the TRM learnt to ignore it).
+        return (pairs * w).sum(1) / w.sum(1).clamp_min(1)
 
 
 class TRM(nn.Module):

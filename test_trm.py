@@ -1754,8 +1754,9 @@ def test_an_encoder_model_trains_reports_its_diagnostics_and_solves_a_conceptarc
     record = [json.loads(l) for l in open("encoder/metrics.jsonl") if '"eval"' in l][-1]
     assert -1 <= record["task_vector_cosine"] <= 1 and "shuffled_demos_pass@2" in record
     ckpt = evaluate.checkpoints_in("encoder")[-1]
+    side = arc.PRESETS["synthetic"]["size"]
     small = [f for f in sorted(glob.glob(os.path.join(CONCEPTARC, "**", "*.json"), recursive=True))
-             if arc.largest_side(arc.load_directory(os.path.dirname(f))[os.path.basename(f)[:-5]]) <= 10]
+             if arc.largest_side(arc._task(json.load(open(f)), f)) <= side]
     task_file = small[0] if small else "task.json"
     if not small:       # a clone without the shared data: a small task file of our own
         json.dump(arc_task([[1, 0], [0, 2]]), open(task_file, "w"))
@@ -1771,3 +1772,19 @@ def test_an_id_model_says_in_one_sentence_why_it_cannot_solve_a_new_task(workdir
     json.dump(arc_task([[1, 0], [0, 2]]), open("task.json", "w"))
     expect_error(capsys, evaluate.main, ["--checkpoint", evaluate.checkpoints_in("id_model")[-1], "--solve",
                                          "task.json", "--out", "id_solved"], "cannot attempt a new task")
+
+
+def test_a_tiny_encoder_model_learns_to_read_the_demonstrations(workdir, monkeypatch):
+    """Four families whose outputs differ in shape (a border, a mirrored copy beside, scaling, tiling): the test
+    input alone does not say which, its demonstrations do. After a short run the held-out tasks' tokens are
+    predicted far better from their own demonstrations than from another task's."""
+    monkeypatch.setattr(arc, "FAMILIES", {k: arc.FAMILIES[k] for k in ("border", "concat", "scale", "tile", "crop")})
+    monkeypatch.setattr(arc, "HELDOUT_FAMILIES", ("crop",))
+    args = ["--task", "arc", "--preset", "synthetic", "--train-puzzles", "400", "--test-puzzles", "24",
+            "--num-aug", "1", "--d-model", "32", "--n", "1", "--T", "1", "--n-sup", "2", "--encoder-layers", "1",
+            "--batch-size", "32", "--lr", "2e-3", "--max-steps", "300", "--eval-interval", "0", "--ema", "0.9",
+            "--log-interval", "60", "--out", "learn_encoder", "--compile", "off"]
+    train.train(*data.resolve_config(data.parse_args(args)))
+    record = [json.loads(l) for l in open("learn_encoder/metrics.jsonl") if '"eval"' in l][-1]
+    own, other = record["per_step"][-1]["token"], record["shuffled_demos_token"]
+    assert own >= other + 0.1, f"token accuracy {own:.0%} with the task's demonstrations, {other:.0%} with another's"
