@@ -934,12 +934,14 @@ def _prepared(data, extra, train_count, eval_count, num_aug, size, seed):
         train, evaluation = smallest(train, train_count), smallest(evaluation, eval_count)
     # Held-out tasks are attempted unseen: their demonstrations are read, never trained on.
     unseen = data == "synthetic" or not train
-    if not train:
-        evaluation = fitting(evaluation, size)
     name = (f"{os.path.basename(os.path.normpath(data))}-train{len(train)}-eval{len(evaluation)}"
             f"-aug{num_aug}-size{size}-s{seed}" + "-unseen" * unseen)
-    train_ds, test_ds, meta, _ = build_cached(os.path.join("data", "arc", name), train, evaluation, num_aug, seed, size,
-                                              unseen)
+    if train:
+        train_ds, test_ds, meta, _ = build_cached(os.path.join("data", "arc", name), train, evaluation, num_aug, seed,
+                                                  size, unseen)
+    else:   # a folder of held-out tasks: small, so built afresh each time rather than cached
+        evaluation = fitting(evaluation, size)
+        train_ds, test_ds, meta, _ = build(train, evaluation, num_aug, seed, size, unseen)
     print(f"ARC data: {len(train)} training and {len(evaluation)} {'unseen ' * unseen}evaluation tasks, "
           f"{num_aug} augmentations: "
           f"{len(train_ds.inputs):,} training rows, {len(test_ds.inputs):,} test rows, "

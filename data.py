@@ -597,13 +597,15 @@ def fit_to_data(mcfg, ds, fresh):
 def micro_batch_size(tcfg, mcfg, device, world=1):
     """Rows per forward/backward: the whole batch on a GPU; on a CPU few enough that the activations kept for
     the backward pass stay near 6 GB. Measured: about 160 bytes per (net call with gradient) x layer x
-    position x width in float32, i.e. 112 MB per row of the paper's Sudoku model (22 GB peak at 168 rows)."""
+    position x width in float32, i.e. 112 MB per row of the paper's Sudoku model (22 GB peak at 168 rows). The
+    DemoEncoder adds its layers for each of a row's pairs, padded to the most of any task: 10 in ARC-AGI-1."""
     local = tcfg.batch_size // world
     if tcfg.micro_batch:
         return min(tcfg.micro_batch, local)
     if device.type != "cpu":
         return local
-    per_row = 160 * (mcfg.n + 1) * mcfg.n_layers * (mcfg.puzzle_emb_len + mcfg.seq_len) * mcfg.d_model
+    pairs = 10 * mcfg.encoder_layers if mcfg.task_embedding == "encoder" else 0
+    per_row = 160 * ((mcfg.n + 1) * mcfg.n_layers + pairs) * (mcfg.puzzle_emb_len + mcfg.seq_len) * mcfg.d_model
     return max(1, min(local, int(6e9 // per_row)))
 
 

@@ -15,7 +15,8 @@ Reasoning with Tiny Networks" (arXiv 2510.04871), whose TRM pseudocode is, in ou
         return (y.detach(), z.detach()), output_head(y), Q_head(y)
 
 x is the embedded question, y the embedded answer, z the latent reasoning state; all are [B, P + L, D]
-with P prefix positions holding the puzzle embedding. The deep-supervision loop around deep_recursion
+with P prefix positions holding the puzzle embedding (or, with --task-embedding encoder, what the DemoEncoder
+reads from the task's demonstration pairs). The deep-supervision loop around deep_recursion
 lives in train.py. The paper's steps from HRM to TRM (two networks, the 1-step gradient, ACT's continue
 loss, single and multi-scale z) are switches in TRMConfig, each its own function at the end of TRM.
 """
@@ -155,7 +156,7 @@ class DemoEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.encoder_layers))
 
     def forward(self, demos, mask, cos_sin):     # demos [B, M, 2, L] tokens, mask [B, M]: the pairs to read
-        B, M, _, L = demos.shape
+        B, M = demos.shape[:2]
         P, D = self.slots.shape
         cells = self.embed_pair(demos[:, :, 0] * self.vocab_size + demos[:, :, 1])              # [B, M, L, D]
         h = torch.cat((self.slots.expand(B * M, P, D), cells.flatten(0, 1)), 1)               # [B*M, P+L, D]

@@ -616,6 +616,8 @@ BAD_COMMAND_LINES = [
     (["--latents", "multi", "--depth-schedule", "curriculum"], "--latents multi keeps n latent features"),
     (["--depth-schedule", "random"], "random depth draws n and T from value +- width, so they must be at least 2"),
     (["--latents", "xy"], "--latents is 'xy'; expected yz, single or multi"),
+    (["--task-embedding", "demos"], "--task-embedding is 'demos'; expected id or encoder"),
+    (["--task-embedding", "encoder"], "the encoder reads ARC demonstrations, so expected --task arc"),
     (["--resume", "GOOD"], "is at step 1 of a 1-step run, so nothing is left to train; expected a larger --max-steps"),
     (["--resume", "GOOD", "--max-steps", "3", "--out", "other"], "other already holds a run"),
     (["--resume", "nan_weights.pt", "--max-steps", "3"], "checkpoint nan_weights.pt has non-finite ema weights"),
@@ -1142,6 +1144,8 @@ def test_arc_runs_end_to_end_with_voting_and_a_submission(workdir, capsys):
 
 BAD_ARC = [
     (["--data", "nowhere"], "--data 'nowhere' is not an ARC task source"),
+    (["--data", "arcfolder/training"], "holds only held-out tasks, which are attempted, never trained on"),
+    (["--data", "synthetic", "--size", "5"], "expected a canvas of at least 6"),
     (["--size", "3", "--seq-len", "9"], "has a 3x4 grid, which does not fit the 3x3 canvas"),
     (["--extra", "arcfolder/training"], "--extra arcfolder/training holds task trai_recolour, which is already loaded"),
     (["--seq-len", "30"], "the data has sequences of 25 tokens"),
@@ -1764,6 +1768,19 @@ def test_an_encoder_model_trains_reports_its_diagnostics_and_solves_a_conceptarc
     out = capsys.readouterr().out
     assert "test input 0" in out and ("attempt 1" in out or "no attempt" in out)
     assert glob.glob("solved/arc_solve_*_0.png")
+
+
+def test_an_encoder_model_resumes_exactly(workdir):
+    args = ENCODER_TINY + ["--dtype", "float32", "--checkpoint-interval", "2"]
+    train.main(args + ["--max-steps", "4", "--out", "encoder_whole"])
+    train.main(args + ["--max-steps", "2", "--out", "encoder_split"])
+    train.main(args + ["--max-steps", "4", "--resume", "auto", "--out", "encoder_split"])
+    whole, split = final_state("encoder_whole"), final_state("encoder_split")
+    assert whole["step"] == split["step"] == 4
+    for key in ("model", "ema"):
+        for k, value in whole[key].items():
+            assert torch.equal(value, split[key][k]), f"{key} {k} differs after resume"
+    assert any(k.startswith("encoder.") for k in whole["model"])
 
 
 def test_an_id_model_says_in_one_sentence_why_it_cannot_solve_a_new_task(workdir, capsys):

@@ -124,10 +124,10 @@ def supervision_step(model, carry, min_steps, autocast, depth=None, decay=1.0):
     steps = carry["steps"] + 1
     # The batch's rows of the puzzle-embedding table as a leaf, so backward gives exactly their gradient; the
     # encoder's output instead carries its graph back to the encoder's weights, which AdamW trains.
-    puzzle_rows = model.task_rows(carry)
-    if puzzle_rows.is_leaf:
-        puzzle_rows.requires_grad_(model.training)
     with autocast:
+        puzzle_rows = model.task_rows(carry)
+        if puzzle_rows.is_leaf:
+            puzzle_rows.requires_grad_(model.training)
         (y, z), logits, q = model(carry["inputs"], puzzle_rows, carry["y"], carry["z"], n, T)
         continue_loss = None
         if model.cfg.act_continue:     # HRM's ACT: its continue loss needs one more step, without gradient
