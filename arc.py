@@ -622,8 +622,11 @@ def pick(values):
 
 
 def recolour_params(rng):
-    sources = sorted(int(s) for s in rng.choice(colours(), rng.integers(2, 4), replace=False))
-    return tuple((s, other(rng, s)) for s in sources)
+    """2-3 colours each mapped to another; never two that trade places, which is the held-out swap family."""
+    def draw_map():
+        sources = sorted(int(s) for s in rng.choice(colours(), rng.integers(2, 4), replace=False))
+        return tuple((s, other(rng, s)) for s in sources)
+    return draw("a recolour map without a swap", draw_map, lambda m: not any((b, a) in m for a, b in m))
 
 
 SIDE = pick((s,) for s in range(4))
@@ -996,21 +999,24 @@ def by_family(per_task):
 @torch.no_grad()
 def diagnostics(model, tcfg, ds, device, autocast, ranks, batch_size, evaluate):
     """Whether an encoder model reads the demonstrations (evaluate.during_training prints it at every evaluation).
-    Task vectors of different held-out tasks: their mean cosine similarity (1: the encoder says the same whatever
-    it reads, collapse), and their spread, the share of their squared norm that differs between tasks (0:
-    collapse; the cosine alone stays near 1 when a large shared part hides what differs). And the answers when
-    every test input is given another task's demonstrations: token accuracy and pass@2 must fall if the model
-    reads the demonstrations. evaluate: evaluate.evaluate (this module sits below evaluate.py). Returns (scores,
-    line); rank 0's only."""
+    The task vectors, averaged over each held-out task's augmented versions: their mean cosine similarity between
+    different tasks (1: the encoder says the same whatever it reads, collapse), and their spread, the share of
+    their squared norm that differs between tasks (0: collapse; the cosine alone stays near 1 when a large
+    shared part hides what differs). And the answers when every test input is given another task's
+    demonstrations: token accuracy and pass@2 must fall if the model reads the demonstrations. evaluate:
+    evaluate.evaluate (this module sits below evaluate.py). Returns (scores, line); rank 0's only."""
     _, _, meta, _ = prepared(tcfg)
     rows = np.arange(eval_rows(ds, tcfg.eval_limit or None))
-    vectors = torch.cat([model.task_rows(to_device(ds, rows[i:i + batch_size], device, True)).flatten(1).float()
-                         for i in range(0, len(rows), batch_size)])                                # [rows, P*D]
-    spread = float((vectors - vectors.mean(0)).pow(2).sum() / vectors.pow(2).sum().clamp_min(1e-30))
-    unit = torch.nn.functional.normalize(vectors, dim=1)
-    task = torch.from_numpy(meta["task"][rows]).to(device)
-    other = task[:, None] != task[None, :]
-    cosine = float((unit @ unit.T)[other].mean()) if other.any() else math.nan
+    tasks = torch.from_numpy(meta["task"][rows]).long().to(device)
+    sums = torch.zeros(int(tasks.max()) + 1, model.cfg.puzzle_emb_len * model.cfg.d_model, device=device)
+    for i in range(0, len(rows), batch_size):     # summed batch by batch: ARC-AGI-1 has 420k test rows
+        vectors = model.task_rows(to_device(ds, rows[i:i + batch_size], device, True)).flatten(1).float()
+        sums.index_add_(0, tasks[i:i + batch_size], vectors)                                     # [tasks, P*D]
+    counts = torch.bincount(tasks, minlength=len(sums))
+    means = sums[counts > 0] / counts[counts > 0, None]
+    spread = float((means - means.mean(0)).pow(2).sum() / means.pow(2).sum().clamp_min(1e-30))
+    unit = torch.nn.functional.normalize(means, dim=1)
+    cosine = float(((unit @ unit.T).sum() - len(unit)) / (len(unit) * (len(unit) - 1))) if len(unit) > 1 else math.nan
     shuffled = dataclasses.replace(ds, demos=ds.demos.shuffled())
     res = evaluate(model, shuffled, model.cfg.N_sup, batch_size, device, autocast, limit=tcfg.eval_limit or None,
                    keep=(model.cfg.N_sup,), ranks=ranks)

@@ -329,14 +329,15 @@ class Batches:
 
 def to_device(ds, rows, device, demos=False):
     """A batch as tensors: inputs/labels [B, L] int64, puzzle_ids [B] int64; with demos, each row's
-    demonstrations (arc.Demonstrations): demos [B, M, 2, L] int64 and demo_mask [B, M] bool."""
+    demonstrations (arc.Demonstrations): demos [B, M, 2, L] uint8 (a tenth of a paper-scale batch's memory as
+    int64; the encoder widens them) and demo_mask [B, M] bool."""
     arrays = dict(inputs=ds.inputs[rows], labels=ds.labels[rows], puzzle_ids=ds.puzzle_ids[rows])
     if demos:
         if ds.demos is None:
             raise DataError("this model reads demonstrations, and its data has none; "
                             "expected ARC data (--task-embedding encoder is for ARC tasks)")
         arrays["demos"], arrays["demo_mask"] = ds.demos.of_rows(ds, rows)
-    return {k: torch.from_numpy(v if v.dtype == bool else v.astype(np.int64)).to(device, non_blocking=True)
+    return {k: torch.from_numpy(v if k.startswith("demo") else v.astype(np.int64)).to(device, non_blocking=True)
             for k, v in arrays.items()}
 
 

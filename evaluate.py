@@ -1022,10 +1022,11 @@ def run(args):
         print(f"picture: {path}")
         return
 
+    if tcfg.task == "arc" and tcfg.data != tcfg_dict["data"] and not model.reads_demos:
+        raise SettingsError(f"--data {tcfg.data}: this model was trained on {tcfg_dict['data']} with puzzle ids, which "
+                            f"exist only for the tasks it trained on; expected a model trained with --task-embedding "
+                            f"encoder to attempt other tasks")
     _, test_ds = task.build_datasets(tcfg, splits=("test",))
-    if test_ds.num_puzzle_ids > mcfg.num_puzzle_ids and not model.reads_demos:
-        raise SettingsError(f"--data {tcfg.data} holds tasks this model never trained on, and its puzzle ids exist only "
-                            f"for the tasks it trained on; expected a model trained with --task-embedding encoder")
     if args.breadth is not None:
         return run_breadth(args, model, mcfg, tcfg, task, test_ds, steps, device, autocast, ranks, out)
     score = getattr(task, "score", None)

@@ -158,6 +158,7 @@ class DemoEncoder(nn.Module):
     def forward(self, demos, mask, cos_sin):     # demos [B, M, 2, L] tokens, mask [B, M]: the pairs to read
         B, M = demos.shape[:2]
         P, D = self.slots.shape
+        demos = demos.long()
         cells = self.embed_pair(demos[:, :, 0] * self.vocab_size + demos[:, :, 1])              # [B, M, L, D]
         h = torch.cat((self.slots.expand(B * M, P, D), cells.flatten(0, 1)), 1)               # [B*M, P+L, D]
         for block in self.blocks:

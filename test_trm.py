@@ -1729,6 +1729,8 @@ def test_synthetic_heldout_tasks_share_no_parameters_and_are_never_trained_on():
     train_keys = {params[t] for t in train_tasks}
     assert not train_keys & {params[t] for t in heldout}
     assert not {f for f, _ in train_keys} & set(arc.HELDOUT_FAMILIES)
+    # nor in disguise: no training colour map makes two colours trade places, as the held-out swap family does
+    assert not any(f == "recolour" and any((b, a) in m for a, b in m) for f, m in train_keys)
     assert {params[t][0] for t in heldout} & set(arc.HELDOUT_FAMILIES)
     assert len({f for f, _ in train_keys}) >= 12
     # more training tasks leave the held-out tasks as they were

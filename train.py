@@ -126,7 +126,7 @@ def supervision_step(model, carry, min_steps, autocast, depth=None, decay=1.0):
     # encoder's output instead carries its graph back to the encoder's weights, which AdamW trains.
     with autocast:
         puzzle_rows = model.task_rows(carry)
-        if puzzle_rows.is_leaf:
+        if not model.reads_demos:
             puzzle_rows.requires_grad_(model.training)
         (y, z), logits, q = model(carry["inputs"], puzzle_rows, carry["y"], carry["z"], n, T)
         continue_loss = None
@@ -158,7 +158,7 @@ def accumulated_step(step_fn, model, carry, min_steps, micro, global_batch, auto
         part = step_fn(model, {k: v[rows] for k, v in carry.items()}, min_steps[rows], autocast, depth, decay)
         (part.loss / global_batch).backward()
         parts.append(dataclasses.replace(part, loss=part.loss.detach(),
-                                         puzzle_grad=part.puzzle_rows.grad if part.puzzle_rows.is_leaf else None))
+                                         puzzle_grad=None if model.reads_demos else part.puzzle_rows.grad))
     if len(parts) == 1:
         return parts[0]
     table = parts[0].puzzle_grad is not None
