@@ -677,8 +677,8 @@ class Ranks:
         return out
 
     def gather(self, tensor):
-        """Every rank's tensor, concatenated along dim 0 in rank order."""
-        if self.world == 1:
+        """Every rank's tensor, concatenated along dim 0 in rank order (None, a tensor the run lacks, stays None)."""
+        if self.world == 1 or tensor is None:
             return tensor
         import torch.distributed as dist
         parts = [torch.empty_like(tensor) for _ in range(self.world)]

@@ -205,11 +205,12 @@ class TRM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def task_rows(self, batch):
-        """What fills the prefix for a batch: its puzzle-embedding rows [B, D] (the paper), or with the
-        encoder its reading of each row's demonstrations [B, P, D]."""
+        """What fills the prefix for a batch: its puzzle-embedding rows [B, D] (the paper), in training as a leaf
+        so that backward gives exactly their gradient for the sparse sign-SGD step; or with the encoder its
+        reading of each row's demonstrations [B, P, D], whose graph reaches the encoder's weights."""
         if self.reads_demos:
             return self.encoder(batch["demos"], batch["demo_mask"], self.positions())
-        return self.puzzle_emb[batch["puzzle_ids"]]
+        return self.puzzle_emb[batch["puzzle_ids"]].requires_grad_(self.training)
 
     @property
     def reads_demos(self):

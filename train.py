@@ -122,12 +122,8 @@ def supervision_step(model, carry, min_steps, autocast, depth=None, decay=1.0):
     CGAR's lambda, supervision step k of a slot weighted lambda^(k-1). torch.compile compiles this."""
     n, T, N_sup = depth or (model.cfg.n, model.cfg.T, model.cfg.N_sup)
     steps = carry["steps"] + 1
-    # The batch's rows of the puzzle-embedding table as a leaf, so backward gives exactly their gradient; the
-    # encoder's output instead carries its graph back to the encoder's weights, which AdamW trains.
     with autocast:
-        puzzle_rows = model.task_rows(carry)
-        if not model.reads_demos:
-            puzzle_rows.requires_grad_(model.training)
+        puzzle_rows = model.task_rows(carry)      # table rows as a leaf, or the encoder's output with its graph
         (y, z), logits, q = model(carry["inputs"], puzzle_rows, carry["y"], carry["z"], n, T)
         continue_loss = None
         if model.cfg.act_continue:     # HRM's ACT: its continue loss needs one more step, without gradient
@@ -161,13 +157,12 @@ def accumulated_step(step_fn, model, carry, min_steps, micro, global_batch, auto
                                          puzzle_grad=None if model.reads_demos else part.puzzle_rows.grad))
     if len(parts) == 1:
         return parts[0]
-    table = parts[0].puzzle_grad is not None
     return StepResult(loss=sum(p.loss for p in parts),
                       carry={k: torch.cat([p.carry[k] for p in parts]) for k in parts[0].carry},
                       stats={k: sum(p.stats[k] for p in parts) for k in parts[0].stats},
                       puzzle_ids=torch.cat([p.puzzle_ids for p in parts]),
                       puzzle_rows=torch.cat([p.puzzle_rows.detach() for p in parts]),
-                      puzzle_grad=torch.cat([p.puzzle_grad for p in parts]) if table else None)
+                      puzzle_grad=None if model.reads_demos else torch.cat([p.puzzle_grad for p in parts]))
 
 
 def all_reduce_step(ranks, params, result):
@@ -181,8 +176,7 @@ def all_reduce_step(ranks, params, result):
     ranks.sum_all([p.grad for p in params] + [extra])
     return dataclasses.replace(result, loss=extra[0], stats=dict(zip(names, extra[1:])),
                                puzzle_ids=ranks.gather(result.puzzle_ids),
-                               puzzle_grad=result.puzzle_grad if result.puzzle_grad is None else
-                               ranks.gather(result.puzzle_grad))
+                               puzzle_grad=ranks.gather(result.puzzle_grad))
 
 
 def all_finite(*tensors):
