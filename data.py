@@ -374,6 +374,7 @@ class TrainConfig:
     micro_batch: int = 0                 # rows per forward/backward, gradients accumulated; 0 = auto
     lr: float = 1e-4
     warmup_steps: int = 2000
+    lr_min_ratio: float = 1.0            # cosine decay to lr x this after warmup; 1: constant, as the reference runs
     weight_decay: float = 1.0
     beta1: float = 0.9
     beta2: float = 0.95
@@ -510,6 +511,7 @@ def check_config(tcfg, mcfg):
         (("weight_decay", "puzzle_emb_weight_decay", "log_interval"), lambda v: finite(v) and v >= 0,
          "a number of at least 0"),
         (("ema", "beta1", "beta2"), lambda v: 0 <= v < 1, "a rate in [0, 1)"),
+        (("lr_min_ratio",), lambda v: 0 <= v <= 1, "a ratio in [0, 1]"),
         (("halt_exploration_prob",), lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     ]
     for names, test, expected in rules:

@@ -572,6 +572,7 @@ BAD_COMMAND_LINES = [
     (["--batch-size", "100000"], "--batch-size 100000 is larger than the 120 training rows"),
     (["--d-model", "30"], "--d-model 30 is not divisible by --n-heads 4"),
     (["--ema", "1.5"], "--ema is 1.5; expected a rate in [0, 1)"),
+    (["--lr-min-ratio", "1.5"], "--lr-min-ratio is 1.5; expected a ratio in [0, 1]"),
     (["--dtype", "float16"], "--dtype is 'float16'; expected auto, float32 or bfloat16"),
     (["--max-steps", "-3"], "--max-steps is -3; expected a whole number of at least 0"),
     (["--lr", "0"], "--lr is 0.0; expected a positive learning rate"),
@@ -793,8 +794,8 @@ def test_skip_nonfinite_skips_the_step_and_counts_it(workdir, capsys, monkeypatc
 
 def test_weights_made_non_finite_stop_the_run_and_the_checkpoint_stays_finite(workdir, capsys, monkeypatch):
     real_update = train.update
-    def overflowing_update(optimizer, model, ema_params, result, step, tcfg):
-        real_update(optimizer, model, ema_params, result, step, tcfg)
+    def overflowing_update(optimizer, model, ema_params, result, step, total, tcfg):
+        real_update(optimizer, model, ema_params, result, step, total, tcfg)
         if step == 1:         # the second update overflows one weight, as a too-large step would
             next(model.parameters()).data[0] = float("inf")
     monkeypatch.setattr(train, "update", overflowing_update)
@@ -1202,6 +1203,16 @@ def test_the_curriculum_switches_stages_at_its_fractions():
     assert [train.depth_at(step, 10, tcfg, mcfg)[:2] for step in (4, 5, 8, 9)] == [(2, 1), (4, 2), (4, 2), (6, 3)]
 
 
+def test_lr_warms_up_then_stays_constant_or_follows_a_cosine_to_its_floor():
+    const = data.TrainConfig(warmup_steps=10)
+    assert [train.lr_at(s, 110, const, 1.0) for s in (0, 4, 9, 10, 60, 109)] == [0.1, 0.5, 1.0, 1.0, 1.0, 1.0]
+    cosine = data.TrainConfig(warmup_steps=10, lr_min_ratio=0.1)
+    lrs = [train.lr_at(s, 110, cosine, 2.0) for s in range(110)]
+    assert lrs[:10] == [2.0 * (s + 1) / 10 for s in range(10)] and lrs[10] == 2.0
+    assert lrs[60] == pytest.approx(1.1) and lrs[-1] == pytest.approx(0.2, abs=1e-3)     # half way, and the floor
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:]))
+
+
 def test_random_depth_is_centred_and_a_function_of_seed_and_step():
     args = ["--n", "6", "--T", "3", "--n-sup", "4", "--depth-schedule", "random", "--depth-width", "2", "--random-n-sup"]
     tcfg, mcfg = depth_settings(*args)
@@ -1590,7 +1601,7 @@ def train_a_few_steps(model, step_fn, steps=4, B=8):
     for step in range(steps):
         carry = train.refill(model, carry, batch)
         result = train.accumulated_step(step_fn, model, carry, torch.zeros(B, dtype=torch.long), B, B, NO_AUTOCAST)
-        train.update(optimizer, model, ema, result, step, tcfg)
+        train.update(optimizer, model, ema, result, step, 10, tcfg)
         losses.append(result.loss.item())
         carry = result.carry
     return torch.tensor(losses), [p.detach().clone() for p in model.parameters()] + [model.puzzle_emb.clone()]
@@ -1692,7 +1703,7 @@ def test_the_encoder_is_trained_by_the_deep_supervision_loss_and_the_table_is_no
     carry = train.refill(model, train.initial_carry(model, batch), batch)
     result = train.accumulated_step(train.supervision_step, model, carry, torch.zeros(4, dtype=torch.long), 2, 4,
                                     NO_AUTOCAST)
-    train.update(optimizer, model, [p.detach().clone() for p in model.parameters()], result, 0, data.TrainConfig())
+    train.update(optimizer, model, [p.detach().clone() for p in model.parameters()], result, 0, 1, data.TrainConfig())
     after = model.state_dict()
     assert result.puzzle_grad is None and torch.equal(after["puzzle_emb"], before["puzzle_emb"])
     assert all(not torch.equal(after[k], before[k]) for k in before if k.startswith("encoder."))

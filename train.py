@@ -203,9 +203,11 @@ def depth_at(step, total, tcfg, mcfg):
     return n, T, N_sup
 
 
-def lr_at(step, cfg, base):
-    """Linear warmup, then constant (the reference's schedule with its minimum ratio 1)."""
-    return base * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+def lr_at(step, total, cfg, base):
+    """The reference's schedule: linear warmup, then a cosine to base x lr_min_ratio at the last step (it runs 1)."""
+    w = cfg.warmup_steps
+    cos = 0.5 * (1 + math.cos(math.pi * max(0, step - w) / max(1, total - w)))
+    return base * min(1.0, (step + 1) / max(1, w)) * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * cos)
 
 
 @torch.no_grad()
@@ -225,14 +227,14 @@ def adamw(model, tcfg, device):
 
 
 @torch.no_grad()
-def update(optimizer, model, ema_params, result, step, tcfg):
+def update(optimizer, model, ema_params, result, step, total, tcfg):
     """`opt.step(); opt.zero_grad()`: AdamW on the weights, sign-SGD on the puzzle-embedding rows, then the
     EMA of the weights (the paper's EMA 0.999)."""
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if result.puzzle_grad is not None:     # None: the encoder, whose weights AdamW has just updated
         puzzle_emb_step(model.puzzle_emb, result.puzzle_ids, result.puzzle_grad,
-                        lr_at(step, tcfg, tcfg.puzzle_emb_lr), tcfg.puzzle_emb_weight_decay)
+                        lr_at(step, total, tcfg, tcfg.puzzle_emb_lr), tcfg.puzzle_emb_weight_decay)
     for e, p in zip(ema_params, model.parameters()):
         e.lerp_(p, 1 - tcfg.ema)
 
@@ -247,7 +249,7 @@ def train(tcfg, mcfg, resume_state=None):
         while run.step < run.total_steps and not stop.agreed(run.ranks, run.device):
             batch = next(run.batches)
             carry = refill(model, run.carry or initial_carry(model, batch), batch)
-            lr = lr_at(run.step, tcfg, tcfg.lr)
+            lr = lr_at(run.step, run.total_steps, tcfg, tcfg.lr)
             for g in run.optimizer.param_groups:
                 g["lr"] = lr
             depth = depth_at(run.step, run.total_steps, tcfg, run.mcfg)     # (n, T, N_sup) of this step
@@ -260,7 +262,7 @@ def train(tcfg, mcfg, resume_state=None):
             if not all_finite(result.loss, result.puzzle_grad, *grads):
                 run.skip_nonfinite()                   # or StopTraining, past --skip-nonfinite steps
                 continue
-            update(run.optimizer, model, run.ema_model.parameters(), result, run.step, tcfg)
+            update(run.optimizer, model, run.ema_model.parameters(), result, run.step, run.total_steps, tcfg)
             run.stop_if_weights_nonfinite(result, lr)
             run.step += 1
             run.carry = result.carry
@@ -489,7 +491,7 @@ def bench_step(model, tcfg, device, autocast, compile_on, micro):
         carry = refill(model, carry or initial_carry(model, batch), batch)
         min_steps = torch.zeros_like(batch["puzzle_ids"])
         result = accumulated_step(step_fn, model, carry, min_steps, micro, tcfg.batch_size, autocast)
-        update(optimizer, model, ema_params, result, 0, tcfg)
+        update(optimizer, model, ema_params, result, 0, 1, tcfg)
         carry = result.carry
     return step
 
