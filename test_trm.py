@@ -1116,7 +1116,7 @@ def write_arc_folder(root):
 
 ARC_TINY = ["--task", "arc", "--preset", "cpu", "--data", "arcfolder", "--size", "5", "--seq-len", "25",
             "--num-aug", "7", "--d-model", "16", "--n-heads", "2", "--n", "1", "--T", "1", "--n-sup", "2",
-            "--batch-size", "8", "--max-steps", "3", "--log-interval", "60", "--eval-limit", "2"]
+            "--batch-size", "8", "--max-steps", "3", "--log-interval", "60", "--eval-limit", "2", "--compile", "off"]
 
 
 def test_arc_runs_end_to_end_with_voting_and_a_submission(workdir, capsys):
