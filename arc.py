@@ -903,7 +903,8 @@ def largest_side(task):
 
 
 def fitting(tasks, size):
-    """The held-out tasks whose grids fit the model's canvas (a 10x10 canvas reads 50 of ConceptARC's 176, a 6x6 one 10)."""
+    """The held-out tasks whose grids fit the model's canvas (a 10x10 canvas reads 50 of ConceptARC's 176, a 6x6
+    one 10)."""
     kept = {task_id: task for task_id, task in tasks.items() if largest_side(task) <= size}
     if not kept:
         raise DataError(f"none of the {len(tasks)} tasks fits the {size}x{size} canvas; expected tasks with smaller "

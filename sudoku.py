@@ -425,8 +425,8 @@ PRESETS = with_hrm({
     "cpu": dict(data="generate", train_puzzles=2000, num_aug=100, test_puzzles=1000, min_blanks=40, max_blanks=55,
                 difficulty=0, vocab_size=VOCAB_SIZE, seq_len=81, d_model=64, n_layers=2, n_heads=4,
                 expansion=4.0, mlp_t=True, rope=False, puzzle_emb_len=1, n=2, T=2, N_sup=16, batch_size=128,
-                lr=4e-3, warmup_steps=100, lr_min_ratio=0.1, weight_decay=0.1, puzzle_emb_lr=4e-3, puzzle_emb_weight_decay=0.1,
-                ema=0.99, epochs=0, max_steps=3000, eval_interval=500, eval_limit=1000, checkpoint_interval=500,
+                lr=4e-3, warmup_steps=100, lr_min_ratio=0.1, weight_decay=0.1, puzzle_emb_lr=4e-3,
+                puzzle_emb_weight_decay=0.1, ema=0.99, epochs=0, max_steps=3000, eval_interval=500, eval_limit=1000, checkpoint_interval=500,
                 dtype="bfloat16", compile="on"),
 })
 
