@@ -135,7 +135,8 @@ def during_training(task, tcfg, model, ds, device, autocast, ranks):
                    check=getattr(task, "check", None), keep=(N,) if score else (), ranks=ranks)
     last = res[-1]
     preds, halt = last.pop("preds", None), last.pop("halt", None)
-    diagnosed = task.diagnostics(model, tcfg, ds, device, autocast, ranks, B, evaluate) if model.reads_demos else ({}, "")
+    diagnosed = (task.diagnostics(model, tcfg, ds, device, autocast, ranks, B, evaluate) if model.reads_demos
+                 else ({}, ""))
     if not ranks.main:
         return res, "", {}
     scores, line = score(tcfg, preds, halt) if score else ({}, "")

@@ -426,8 +426,8 @@ PRESETS = with_hrm({
                 difficulty=0, vocab_size=VOCAB_SIZE, seq_len=81, d_model=64, n_layers=2, n_heads=4,
                 expansion=4.0, mlp_t=True, rope=False, puzzle_emb_len=1, n=2, T=2, N_sup=16, batch_size=128,
                 lr=4e-3, warmup_steps=100, lr_min_ratio=0.1, weight_decay=0.1, puzzle_emb_lr=4e-3,
-                puzzle_emb_weight_decay=0.1, ema=0.99, epochs=0, max_steps=3000, eval_interval=500, eval_limit=1000, checkpoint_interval=500,
-                dtype="bfloat16", compile="on"),
+                puzzle_emb_weight_decay=0.1, ema=0.99, epochs=0, max_steps=3000, eval_interval=500, eval_limit=1000,
+                checkpoint_interval=500, dtype="bfloat16", compile="on"),
 })
 
 

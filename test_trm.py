@@ -1781,7 +1781,7 @@ def test_an_encoder_model_trains_reports_its_diagnostics_and_solves_a_conceptarc
     ckpt = evaluate.checkpoints_in("encoder")[-1]
     side = arc.PRESETS["synthetic"]["size"]
     small = [f for f in sorted(glob.glob(os.path.join(CONCEPTARC, "**", "*.json"), recursive=True))
-             if arc.largest_side(arc._task(json.load(open(f)), f)) <= side]
+             if arc.largest_side(arc._task(arc._read_json(f, "an ARC task file"), f)) <= side]
     task_file = small[0] if small else "task.json"
     if not small:       # a clone without the shared data: a small task file of our own
         json.dump(arc_task([[1, 0], [0, 2]]), open(task_file, "w"))
