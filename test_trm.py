@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -1161,6 +1162,27 @@ def test_bad_arc_settings_fail_with_one_sentence(workdir, capsys, args, message)
 
 # -------------------------------------------------------------------------------------- several processes
 
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
+def torchrun_two(args):
+    """train.py under torchrun with 2 CPU processes. Once in CI, and in none of some 200 launches here, a worker
+    aborted with GLOO_EXIT_ABORT from C++ (a joinable thread destroyed, most likely gloo's) and no Python error
+    before it: a launch that fails that way, and only that way, is tried once more from an empty output folder."""
+    for attempt in (1, 2):
+        with socket.socket() as s:     # a free port: a fixed one can still be held by the previous case's store
+            s.bind(("127.0.0.1", 0))
+            port = str(s.getsockname()[1])
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                            port, os.path.join(HERE, "train.py"), "--"] + args,    # "--": torchrun reads --n
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if r.returncode == 0 or GLOO_EXIT_ABORT not in r.stderr or "Traceback" in r.stderr.split(GLOO_EXIT_ABORT)[0]:
+            break
+        shutil.rmtree(args[args.index("--out") + 1], ignore_errors=True)
+    assert r.returncode == 0, f"attempt {attempt}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
 @pytest.mark.parametrize("depth", [[], ["--n", "2", "--T", "2", "--depth-schedule", "random"]], ids=["fixed", "random"])
 def test_two_gloo_processes_train_the_same_weights_as_one(workdir, depth):
     """torchrun with 2 CPU processes, each taking half of every global batch of 16, against one process: after
@@ -1171,13 +1193,7 @@ def test_two_gloo_processes_train_the_same_weights_as_one(workdir, depth):
                    "--halt-exploration-prob", "0.5"] + depth
     name = "random" if depth else "fixed"
     train.main(args + ["--out", f"one_{name}"])
-    with socket.socket() as s:     # a free port: a fixed one can still be held by the previous case's store
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
-                        os.path.join(HERE, "train.py"), "--"] + args + ["--out", f"two_{name}"],   # "--": torchrun reads --n
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun_two(args + ["--out", f"two_{name}"])
     assert "2 processes (gloo)" in r.stdout and r.stdout.count("done: 3 steps") == 1
     one, two = final_state(f"one_{name}"), final_state(f"two_{name}")
     for part in ("model", "ema", "carry"):
