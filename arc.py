@@ -844,12 +844,12 @@ PRESETS = with_hrm({
                   puzzle_emb_len=16, n=4, T=3, N_sup=16, batch_size=768, lr=1e-4, warmup_steps=2000,
                   weight_decay=0.1, puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1, ema=0.999, epochs=100000,
                   eval_interval=10000, eval_limit=400, checkpoint_interval=10000),
-    # A CPU run that solves a real evaluation task: the 16 training and 13 evaluation tasks with the smallest grids
-    # (every ARC-AGI-1 evaluation task up to 6x6) on a 6x6 canvas, 16 augmentations each. Fewer ids than the
+    # A CPU run that solves real evaluation tasks: the 16 training and 13 evaluation tasks with the smallest grids
+    # (every ARC-AGI-1 evaluation task up to 6x6) on a 6x6 canvas, 32 augmentations each. Fewer ids than the
     # reference's 1000 per task, and puzzle-embedding lr 3e-2, so each id is visited and moved often enough in
     # minutes; N_sup 4 lets more puzzles through per step; a cosine to lr/10 (README, "ARC-AGI"). Whatever it
     # solves, it solves because it saw those tasks' demonstrations.
-    "cpu": dict(data="arcagi1", train_puzzles=16, test_puzzles=13, num_aug=16, size=6, vocab_size=VOCAB_SIZE,
+    "cpu": dict(data="arcagi1", train_puzzles=16, test_puzzles=13, num_aug=32, size=6, vocab_size=VOCAB_SIZE,
                 seq_len=36, d_model=64, n_layers=2, n_heads=4, expansion=4.0, mlp_t=False, rope=True,
                 puzzle_emb_len=1, n=2, T=2, N_sup=4, batch_size=64, lr=1e-3, warmup_steps=100, lr_min_ratio=0.1,
                 weight_decay=0.1, puzzle_emb_lr=3e-2, puzzle_emb_weight_decay=0.1, ema=0.99, epochs=0,
