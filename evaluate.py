@@ -109,7 +109,8 @@ def evaluate(model, ds, N, batch_size, device, autocast, limit=None, check=None,
         progress(count)
     ranks = ranks or Ranks()
     exact, token, valid = ranks.sum(sums).cpu().numpy()
-    tokens, count, scored = ranks.sum(torch.tensor([tokens, count, scored], dtype=torch.float64, device=device)).tolist()
+    tokens, count, scored = ranks.sum(torch.tensor([tokens, count, scored], dtype=torch.float64,
+                                                   device=device)).tolist()
     kept = {k: [np.concatenate([a for part in ranks.gather_objects(arrays) for a in part]) for arrays in pair]
             for k, pair in kept.items()}
     results = []
@@ -863,7 +864,8 @@ def flops_per_sample(mcfg):
         mix = 2 * S * D * 4 * D + 4 * S * S * D
     layer = mix + 6 * S * D * F
     encoder = 3 * BENCH_DEMOS * mcfg.encoder_layers * layer if mcfg.task_embedding == "encoder" else 0
-    return (mcfg.T * (mcfg.n + 1) + 2 * (mcfg.n + 1)) * mcfg.n_layers * layer + 3 * (2 * S * D * V + 2 * D * 2) + encoder
+    return ((mcfg.T * (mcfg.n + 1) + 2 * (mcfg.n + 1)) * mcfg.n_layers * layer + 3 * (2 * S * D * V + 2 * D * 2)
+            + encoder)
 
 
 def synchronize(device):
@@ -951,7 +953,8 @@ def main(argv=None):
                    help="supervision steps at test time (default: the training N_sup); with --breadth a list")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first K test puzzles (arc: tasks)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="test rows per batch (default 256); with --breadth, trajectories per batch (default 128: on a 2-core CPU a batch that fits the caches runs 2x faster)")
+                   help="test rows per batch (default 256); with --breadth, trajectories per batch (default 128: "
+                        "on a 2-core CPU a batch that fits the caches runs 2x faster)")
     p.add_argument("--data", default=None, help="override the test data source (generate, hub, or a path)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--out", default=None, help="folder for the table, plot and pictures (default: the checkpoint's)")
@@ -1002,7 +1005,8 @@ def run(args):
     N = steps[-1]
     if not 0 < args.halt_threshold < 1:
         raise SettingsError(f"--halt-threshold is {args.halt_threshold}; expected a probability between 0 and 1")
-    for flag, value, least in (("--limit", args.limit, 0), ("--batch-size", args.batch_size or 1, 1), ("--seed", args.seed, 0)):
+    for flag, value, least in (("--limit", args.limit, 0), ("--batch-size", args.batch_size or 1, 1),
+                               ("--seed", args.seed, 0)):
         if value < least:
             raise SettingsError(f"{flag} is {value}; expected a whole number of at least {least}")
     if len(steps) > 1 and args.breadth is None:
@@ -1046,7 +1050,8 @@ def run(args):
              if res[0]["scored"] < res[0]["count"] else ""))
     print("step   exact   token" + ("   valid" if has_valid else ""))
     for r in res:
-        print(f"{r['step']:>4} {100 * r['exact']:6.2f}% {100 * r['token']:6.2f}%" + (f" {100 * r['valid']:6.2f}%" if has_valid else ""))
+        print(f"{r['step']:>4} {100 * r['exact']:6.2f}% {100 * r['token']:6.2f}%"
+              + (f" {100 * r['valid']:6.2f}%" if has_valid else ""))
     path = plot(res, os.path.join(out, f"{tcfg.task}_accuracy_by_step.png"),
                 f"{tcfg.task}: accuracy by supervision step (trained N_sup={mcfg.N_sup})")
     print(f"plot: {path}")

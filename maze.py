@@ -496,7 +496,8 @@ def build_datasets(tcfg, splits=("train", "test")):
 
     def key(split):
         count, aug = (tcfg.train_puzzles, tcfg.num_aug) if split == "train" else (tcfg.test_puzzles, 0)
-        return f"{source_key(tcfg.data, split, CACHE_DIR)}-{split}-{count}-aug{aug}-n{tcfg.size}-p{tcfg.min_path}-s{tcfg.data_seed}"
+        return (f"{source_key(tcfg.data, split, CACHE_DIR)}-{split}-{count}-aug{aug}"
+                f"-n{tcfg.size}-p{tcfg.min_path}-s{tcfg.data_seed}")
 
     return cached_splits("maze", splits, key, build)
 
@@ -524,7 +525,8 @@ def describe_solution(inputs, pred):
     is_path, is_shortest = check_paths(inputs.astype(np.uint8), pred[None].astype(np.uint8))
     grid = _text(pred[None].astype(np.int64))[0]     # an untrained model may predict padding: drawn as '?'
     rows = [grid[r * size:(r + 1) * size] for r in range(size)]
-    verdict = "a shortest path" if is_shortest[0] else ("a path, but not a shortest one" if is_path[0] else "NOT a path")
+    verdict = ("a shortest path" if is_shortest[0]
+               else "a path, but not a shortest one" if is_path[0] else "NOT a path")
     return "\n".join(rows + [f"the model's answer is {verdict} from S to G"])
 
 

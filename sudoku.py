@@ -457,7 +457,8 @@ def build_datasets(tcfg, splits=("train", "test")):
 
     def key(split):
         count, aug = (tcfg.train_puzzles, tcfg.num_aug) if split == "train" else (tcfg.test_puzzles, 0)
-        return f"{source_key(tcfg.data, split, CACHE_DIR)}-{split}-{count}-aug{aug}-b{tcfg.min_blanks}-{tcfg.max_blanks}-d{tcfg.difficulty}-s{tcfg.data_seed}"
+        return (f"{source_key(tcfg.data, split, CACHE_DIR)}-{split}-{count}-aug{aug}"
+                f"-b{tcfg.min_blanks}-{tcfg.max_blanks}-d{tcfg.difficulty}-s{tcfg.data_seed}")
 
     return cached_splits("sudoku", splits, key, build)
 
