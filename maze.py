@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from data import (PAD, Dataset, DataError, SettingsError, cached_splits, dihedral, hub_csv, real_or_generated,
-                  shown, source_key, with_hrm)
+                  shown, source_key)
 
 CHARSET = "# SGo"
 WALL, OPEN, START, GOAL, PATH = 1, 2, 3, 4, 5
@@ -74,10 +74,11 @@ def _text(rows):
 
 
 def read_csv(path, size=30):
-    """A Maze-Hard CSV -> (questions, answers) tokens [N, size*size] uint8 and ratings [N] int64."""
+    """A Maze-Hard CSV -> (questions, answers) tokens [N, size*size] uint8; the source and rating columns are not
+    used."""
     if not os.path.isfile(path):
         raise DataError(f"{path} does not exist; expected a Maze-Hard CSV file with columns {','.join(HEADER)}")
-    lines, questions, answers, ratings = [], [], [], []
+    lines, questions, answers = [], [], []
     # errors="replace" turns undecodable bytes into U+FFFD, which the character check reports with its line
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         reader = csv.reader(f)
@@ -98,16 +99,9 @@ def read_csv(path, size=30):
                     if len(s) != size * size:
                         raise DataError(f"{path} line {line}: the {name} has {len(s)} characters; "
                                         f"expected {size * size} for a {size}x{size} maze")
-                try:
-                    rating = float(row[3])
-                except ValueError:
-                    rating = math.nan
-                if not (rating.is_integer() and abs(rating) < 2 ** 63):
-                    raise DataError(f"{path} line {line}: the rating {shown(row[3])} is not an integer")
                 lines.append(line)
                 questions.append(row[1])
                 answers.append(row[2])
-                ratings.append(int(rating))
         except csv.Error as e:
             raise DataError(f"{path} line {reader.line_num} is not valid CSV ({e}); expected a text file with "
                             f"columns {','.join(HEADER)}") from None
@@ -139,11 +133,11 @@ def read_csv(path, size=30):
     is_path, _ = check_paths(q, a)
     if not is_path.all():
         fail(~is_path, lambda i: "the answer's 'o' cells do not form one path from S to G")
-    return q, a, np.array(ratings, np.int64)
+    return q, a
 
 
 def load_hard(split, path=None, cache_dir=None):
-    """Maze-Hard split 'train' or 'test' as read_csv's triple: from path (a CSV file, or a folder holding
+    """Maze-Hard split 'train' or 'test' as read_csv's pair: from path (a CSV file, or a folder holding
     {split}.csv), else from the cache, else downloaded into the cache."""
     return hub_csv("Maze-Hard", split, path, cache_dir or CACHE_DIR, HUB_URL, read_csv)
 
@@ -450,54 +444,56 @@ def draw(question, prediction, answer=None, path="maze.png", title=None):
 
 # ------------------------------------------------------------------------------------ training glue
 
-PRESETS = with_hrm({
+# What differs from the defaults of train.TrainConfig, data.DataConfig and model.TRMConfig (the reference's Sudoku run).
+PRESETS = {
     # The reference's Maze-Hard run: attention with RoPE, n 4, T 3, 1000 mazes x the 8 dihedral transforms.
-    "paper": dict(data="auto", size=30, train_puzzles=1000, num_aug=7, test_puzzles=0, vocab_size=VOCAB_SIZE,
-                  seq_len=900, d_model=512, n_layers=2, n_heads=8, expansion=4.0, mlp_t=False, rope=True,
-                  puzzle_emb_len=16, n=4, T=3, N_sup=16, batch_size=768, lr=1e-4, warmup_steps=2000,
-                  weight_decay=1.0, puzzle_emb_lr=1e-4, puzzle_emb_weight_decay=1.0, ema=0.999, epochs=50000,
-                  eval_interval=5000, eval_limit=1000, checkpoint_interval=5000),
+    "paper": dict(data="auto", num_aug=7, test_puzzles=0, mlp_t=False, rope=True, n=4, eval_interval=5000,
+                  checkpoint_interval=5000),
     # 8x8 mazes (shortest paths of 13+ cells) with the token-mixing MLP: attention is the slow part on a CPU
     # and a fixed size needs no positions. 20000 generated mazes (seconds to make) keep it from overfitting;
     # lr 2e-3 learns faster than 1e-3 (65% vs 35% exact at step 1250) and 3e-3 (92.7% vs 95.3% at step 2000).
     # torch.compile (1.5x faster steps on a CPU, when a C++ compiler is there) buys the 2400 steps that reach
     # 98% in under 10 minutes (README, Maze-Hard).
-    "cpu": dict(data="generate", size=8, train_puzzles=20000, num_aug=7, test_puzzles=1000, vocab_size=VOCAB_SIZE,
-                seq_len=64, d_model=64, n_layers=2, n_heads=4, expansion=4.0, mlp_t=True, rope=False,
-                puzzle_emb_len=1, n=2, T=2, N_sup=8, batch_size=128, lr=2e-3, warmup_steps=100, weight_decay=0.1,
-                puzzle_emb_lr=1e-3, puzzle_emb_weight_decay=0.1, ema=0.99, epochs=0, max_steps=2400,
-                eval_interval=600, eval_limit=1000, checkpoint_interval=600, dtype="bfloat16", compile="on"),
-})
+    "cpu": dict(size=8, train_puzzles=20000, num_aug=7, d_model=64, n_heads=4, puzzle_emb_len=1, n=2, T=2, N_sup=8,
+                batch_size=128, lr=2e-3, warmup_steps=100, weight_decay=0.1, puzzle_emb_lr=1e-3,
+                puzzle_emb_weight_decay=0.1, ema=0.99, max_steps=2400, eval_interval=600, checkpoint_interval=600,
+                dtype="bfloat16", compile="on"),
+}
 
 
-def build_datasets(tcfg, splits=("train", "test")):
+def shape(dcfg):
+    """(vocabulary size, tokens per maze) of the data these settings build: what the model is sized by."""
+    return VOCAB_SIZE, dcfg.size * dcfg.size
+
+
+def build_datasets(dcfg, splits=("train", "test")):
     """Train: each maze in a group with its first 1 + num_aug dihedral transforms; test: mazes as they are.
     Cached under data/maze/ by their settings."""
-    if not 0 <= tcfg.num_aug <= 7:
-        raise SettingsError(f"--num-aug is {tcfg.num_aug}; a maze has 8 dihedral versions, so expected 0 to 7")
+    if not 0 <= dcfg.num_aug <= 7:
+        raise SettingsError(f"--num-aug is {dcfg.num_aug}; a maze has 8 dihedral versions, so expected 0 to 7")
 
     def hard(split, path):
-        if tcfg.size != 30:
-            raise SettingsError(f"Maze-Hard has 30x30 mazes, not {tcfg.size}x{tcfg.size}")
+        if dcfg.size != 30:
+            raise SettingsError(f"Maze-Hard has 30x30 mazes, not {dcfg.size}x{dcfg.size}")
         return load_hard(split, path)
 
     def generated(count, seed):
-        return generate(count, size=tcfg.size, min_path=tcfg.min_path or None, seed=seed)
+        return generate(count, size=dcfg.size, min_path=dcfg.min_path or None, seed=seed)[:2]
 
     def build(split):
-        q, a, source = real_or_generated(tcfg, split, "Maze-Hard", hard, generated)
+        q, a, source = real_or_generated(dcfg, split, "Maze-Hard", hard, generated)
         print(f"{split} set: {len(q)} {source} mazes")
         if split == "test":
             return Dataset.ungrouped(q, a, VOCAB_SIZE)
-        versions = tcfg.num_aug + 1
+        versions = dcfg.num_aug + 1
         q8, a8 = all_dihedral(q, a)                                            # [N, 8, L] each
         return Dataset.grouped(q8[:, :versions].reshape(-1, q.shape[1]), a8[:, :versions].reshape(-1, q.shape[1]),
                                versions, VOCAB_SIZE)
 
     def key(split):
-        count, aug = (tcfg.train_puzzles, tcfg.num_aug) if split == "train" else (tcfg.test_puzzles, 0)
-        return (f"{source_key(tcfg.data, split, CACHE_DIR)}-{split}-{count}-aug{aug}"
-                f"-n{tcfg.size}-p{tcfg.min_path}-s{tcfg.data_seed}")
+        count, aug = (dcfg.train_puzzles, dcfg.num_aug) if split == "train" else (dcfg.test_puzzles, 0)
+        return (f"{source_key(dcfg.data, split, CACHE_DIR)}-{split}-{count}-aug{aug}"
+                f"-n{dcfg.size}-p{dcfg.min_path}-s{dcfg.data_seed}")
 
     return cached_splits("maze", splits, key, build)
 

@@ -360,6 +360,27 @@ class TRM(nn.Module):
         return y, z
 
 
+def flops_per_sample(cfg, demo_pairs=3):
+    """Matmul FLOPs of one training supervision step for one sample, counted from the shapes (norms, RoPE, the
+    loss and the optimizer are not matmuls and not counted). S = P + L positions, F and Ft the SwiGLU widths
+    over D channels and over S positions. Per net call and layer:
+        attention:   2·S·D·4D (qkv, o) + 4·S²·D (scores, weighted values) + 6·S·D·F (gate, up, down)
+        token MLP:   6·D·S·Ft (SwiGLU over positions)                     + 6·S·D·F
+    A step makes T(n+1) net calls forward; backward costs twice the forward of the n+1 calls with gradient.
+    The heads run once with gradient, x3: output head 2·S·D·V (it sees the prefix positions too), Q head
+    2·D·2. The DemoEncoder, with gradient, x3: demo_pairs pairs through encoder_layers blocks."""
+    S, D, V = cfg.puzzle_emb_len + cfg.seq_len, cfg.d_model, cfg.vocab_size
+    F = SwiGLU.width(D, cfg.expansion)
+    if cfg.mlp_t:
+        mix = 6 * D * S * SwiGLU.width(S, cfg.expansion)
+    else:
+        mix = 2 * S * D * 4 * D + 4 * S * S * D
+    layer = mix + 6 * S * D * F
+    encoder = 3 * demo_pairs * cfg.encoder_layers * layer if cfg.task_embedding == "encoder" else 0
+    return ((cfg.T * (cfg.n + 1) + 2 * (cfg.n + 1)) * cfg.n_layers * layer + 3 * (2 * S * D * V + 2 * D * 2)
+            + encoder)
+
+
 # The reference implementation's state_dict names (SamsungSAILMontreal/TinyRecursiveModels), ours on the right.
 REFERENCE_NAMES = {
     "inner.embed_tokens.embedding_weight": "embed_tokens.weight",

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from data import Dataset, DataError, cached_splits, hub_csv, real_or_generated, shown, source_key, with_hrm
+from data import Dataset, DataError, cached_splits, hub_csv, real_or_generated, shown, source_key
 
 ROWS = [[r * 9 + c for c in range(9)] for r in range(9)]
 COLS = [[r * 9 + c for r in range(9)] for c in range(9)]
@@ -64,7 +64,7 @@ def _check_chars(path, chars, allowed, what, expected):
 
 def read_csv(path):
     """A Sudoku-Extreme CSV file (header source,question,answer,rating; '.' for a blank) as
-    (questions [N, 81] uint8, answers [N, 81] uint8, ratings [N] int64).
+    (questions [N, 81] uint8, answers [N, 81] uint8); the source and rating columns are not used.
     The file is checked and cut with numpy and one bytes.split, not row by row, so the 3.8M rows of
     train.csv take seconds."""
     columns = ",".join(HEADER)
@@ -117,18 +117,11 @@ def read_csv(path):
         k = int(np.argmax(broken))
         raise DataError(f"{path} line {k + 2} has an answer that breaks the rules (a digit twice in a row, "
                         f"column or box); expected a solved grid")
-    ratings = cells[3::4]
-    def integer(r):
-        return r.isdigit() and len(r) <= 18      # fits int64
-    if not all(map(integer, ratings)):
-        k = next(k for k, r in enumerate(ratings) if not integer(r))
-        raise DataError(f"{path} line {k + 2} has the rating {shown(ratings[k])}; "
-                        f"expected a non-negative integer")
-    return questions, answers, np.array(ratings).astype(np.int64)
+    return questions, answers
 
 
 def load_extreme(split, path=None, cache_dir=None):
-    """Sudoku-Extreme split "train" or "test" as read_csv's triple: from path (the CSV file or a folder
+    """Sudoku-Extreme split "train" or "test" as read_csv's pair: from path (the CSV file or a folder
     holding {split}.csv), else from cache_dir, downloaded from the Hugging Face hub when absent."""
     return hub_csv("Sudoku-Extreme", split, path, cache_dir or CACHE_DIR, HUB_URL, read_csv)
 
@@ -407,28 +400,29 @@ def draw(puzzle, prediction, answer=None, steps=None, path="sudoku.png", title=N
 # Tokens: 0 pad, 1 blank, digits 1-9 as 2-10. All 81 cells are supervised.
 VOCAB_SIZE = 11
 
-PRESETS = with_hrm({
+# What differs from the defaults of train.TrainConfig, data.DataConfig and model.TRMConfig, which are the
+# reference's Sudoku-Extreme run (train.py adds HRM's presets, hrm and hrm-paper, to every task).
+PRESETS = {
     # The reference's Sudoku-Extreme run: MLP variant without positions, 1000 puzzles x 1000 augmentations.
     # The reference evaluates on the whole test set; periodic evaluations here use eval_limit puzzles.
-    "paper": dict(data="auto", train_puzzles=1000, num_aug=1000, test_puzzles=0, min_blanks=50, max_blanks=58,
-                  difficulty=1, vocab_size=VOCAB_SIZE, seq_len=81, d_model=512, n_layers=2, n_heads=8,
-                  expansion=4.0, mlp_t=True, rope=False, puzzle_emb_len=16, n=6, T=3, N_sup=16, batch_size=768,
-                  lr=1e-4, warmup_steps=2000, weight_decay=1.0, puzzle_emb_lr=1e-4, puzzle_emb_weight_decay=1.0,
-                  ema=0.999, epochs=50000, eval_interval=5000, eval_limit=1000, checkpoint_interval=5000),
-    # Chosen by measurement on 2 CPU cores (README, "The cpu preset"). A 64-wide model and 1 prefix position (97
-    # positions make the token MLP 2x wider), n 2, T 2; EMA 0.99 suits a short run (0.999 would still average the
-    # first minutes in). lr 4e-3 learns fastest (exact at step 750: 51% at 1e-3, 55% at 2e-3, 67% at 3e-3 and
-    # 4e-3), and a cosine down to a tenth of it, with the paper's N_sup 16 in place of 8, took step 3500 from
-    # 90.5% to 96.8%; 3000 steps keep the run under 10 minutes. torch.compile makes a CPU step 1.5x faster after
-    # a 30 s compile (it needs a C++ compiler, else the run goes on without it). bf16 is 1.6-2x faster than
-    # float32 on a CPU with bf16 units; use --dtype float32 on one without.
-    "cpu": dict(data="generate", train_puzzles=2000, num_aug=100, test_puzzles=1000, min_blanks=40, max_blanks=55,
-                difficulty=0, vocab_size=VOCAB_SIZE, seq_len=81, d_model=64, n_layers=2, n_heads=4,
-                expansion=4.0, mlp_t=True, rope=False, puzzle_emb_len=1, n=2, T=2, N_sup=16, batch_size=128,
-                lr=4e-3, warmup_steps=100, lr_min_ratio=0.1, weight_decay=0.1, puzzle_emb_lr=4e-3,
-                puzzle_emb_weight_decay=0.1, ema=0.99, epochs=0, max_steps=3000, eval_interval=500, eval_limit=1000,
-                checkpoint_interval=500, dtype="bfloat16", compile="on"),
-})
+    "paper": dict(data="auto", test_puzzles=0, min_blanks=50, difficulty=1, eval_interval=5000,
+                  checkpoint_interval=5000),
+    # Chosen by measurement on 2 CPU cores (README, "Sudoku"): a 64-wide model and 1 prefix position (97 positions
+    # make the token MLP 2x wider), n 2, T 2; EMA 0.99 suits a short run (0.999 would still average the first
+    # minutes in). lr 4e-3 learns fastest, and a cosine down to a tenth of it with N_sup 16 reaches 95% in 3000
+    # steps. torch.compile makes a CPU step 1.5x faster after a 30 s compile (it needs a C++ compiler, else the run
+    # goes on without it). bf16 is 1.6-2x faster than float32 on a CPU with bf16 units; use --dtype float32 on one
+    # without.
+    "cpu": dict(train_puzzles=2000, num_aug=100, max_blanks=55, d_model=64, n_heads=4, puzzle_emb_len=1, n=2, T=2,
+                batch_size=128, lr=4e-3, warmup_steps=100, lr_min_ratio=0.1, weight_decay=0.1, puzzle_emb_lr=4e-3,
+                puzzle_emb_weight_decay=0.1, ema=0.99, max_steps=3000, eval_interval=500, checkpoint_interval=500,
+                dtype="bfloat16", compile="on"),
+}
+
+
+def shape(dcfg):
+    """(vocabulary size, tokens per puzzle) of the data these settings build: what the model is sized by."""
+    return VOCAB_SIZE, 81
 
 
 def augmented_groups(q, a, num_aug, seed):
@@ -442,23 +436,23 @@ def augmented_groups(q, a, num_aug, seed):
     return qs, as_
 
 
-def build_datasets(tcfg, splits=("train", "test")):
+def build_datasets(dcfg, splits=("train", "test")):
     """The tokenised train (augmented) and test (as is) sets, cached under data/sudoku/ by their settings."""
     def generated(count, seed):
-        return generate(count, tcfg.min_blanks, tcfg.max_blanks, seed=seed, min_effort=tcfg.difficulty)
+        return generate(count, dcfg.min_blanks, dcfg.max_blanks, seed=seed, min_effort=dcfg.difficulty)[:2]
 
     def build(split):
-        q, a, source = real_or_generated(tcfg, split, "Sudoku-Extreme", load_extreme, generated)
+        q, a, source = real_or_generated(dcfg, split, "Sudoku-Extreme", load_extreme, generated)
         print(f"{split} set: {len(q)} {source} puzzles")
         if split == "test":
             return Dataset.ungrouped(q + 1, a + 1, VOCAB_SIZE)
-        q, a = augmented_groups(q, a, tcfg.num_aug, tcfg.data_seed)
-        return Dataset.grouped(q + 1, a + 1, tcfg.num_aug + 1, VOCAB_SIZE)
+        q, a = augmented_groups(q, a, dcfg.num_aug, dcfg.data_seed)
+        return Dataset.grouped(q + 1, a + 1, dcfg.num_aug + 1, VOCAB_SIZE)
 
     def key(split):
-        count, aug = (tcfg.train_puzzles, tcfg.num_aug) if split == "train" else (tcfg.test_puzzles, 0)
-        return (f"{source_key(tcfg.data, split, CACHE_DIR)}-{split}-{count}-aug{aug}"
-                f"-b{tcfg.min_blanks}-{tcfg.max_blanks}-d{tcfg.difficulty}-s{tcfg.data_seed}")
+        count, aug = (dcfg.train_puzzles, dcfg.num_aug) if split == "train" else (dcfg.test_puzzles, 0)
+        return (f"{source_key(dcfg.data, split, CACHE_DIR)}-{split}-{count}-aug{aug}"
+                f"-b{dcfg.min_blanks}-{dcfg.max_blanks}-d{dcfg.difficulty}-s{dcfg.data_seed}")
 
     return cached_splits("sudoku", splits, key, build)
 

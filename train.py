@@ -15,16 +15,26 @@ The paper's training loop, in outline (its pseudocode):
 Here every slot of the batch runs its own copy of the inner loop: one optimizer step is one supervision
 step of every slot, each slot carries its (y, z) to the next optimizer step, and a slot that halts (the Q
 head says so, or N_sup steps are done) takes a fresh puzzle and restarts from y_init, z_init (`refill`).
-The batch shape stays constant. This file reads top-down as the algorithm: the loss, the refill, one
-supervision step, the update, the loop (`train`); the plumbing (checkpoints, logs, command line, benchmark)
-comes after it.
+The batch shape stays constant. This file reads top-down: first the algorithm (the loss, the refill, one
+supervision step, the update, the loop `train`), then, below a divider, the run's plumbing, which changes nothing
+that is computed: the settings and command line, devices and torchrun's processes, the run with its logs and
+evaluations, checkpoints and the output folder, signals, and the benchmark.
 """
+import argparse
+import contextlib
 import copy
 import dataclasses
+import functools
+import fcntl
+import glob
 import importlib
+import inspect
 import json
 import math
 import os
+import re
+import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -33,12 +43,9 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-from data import (Batches, Ranks, SettingsError, TrainConfig, curriculum_stages,
-                  fit_to_data, micro_batch_size, parse_args, resolve_config, rows_per_epoch)
-from evaluate import (Interrupted, Logger, OutputFolder, StopRequest, check_out_folder, check_out_use,
-                      format_time, one_sentence_on_failure, plot_curves, restore_training, resumed_config,
-                      setup_runtime, training_state)
-from model import TRM, TRMConfig
+from data import (TASKS, ArgumentParser, Batches, DataConfig, DataError, SettingsError, format_time,
+                  one_sentence_on_failure, rows_per_epoch, shown)
+from model import TRM, TRMConfig, flops_per_sample
 
 
 class StopTraining(Exception):
@@ -220,6 +227,12 @@ def puzzle_emb_step(table, ids, grad, lr, weight_decay):
     table[uniq] = table[uniq] * (1 - lr * weight_decay) - lr * g.sign()
 
 
+def ema_copy(model):
+    """The EMA model that `update` averages into and evaluations use. The puzzle-embedding table is not averaged (the
+    reference keeps it out of the EMA): both models share it, so its memory (1.8 GB for ARC-AGI-1) is held once."""
+    return copy.deepcopy(model, memo={id(model.puzzle_emb): model.puzzle_emb}).eval().requires_grad_(False)
+
+
 def adamw(model, tcfg, device):
     # The reference uses Adam-atan2; plain AdamW is reported to reach the same accuracy (see README).
     return torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
@@ -261,6 +274,8 @@ def train(tcfg, mcfg, resume_state=None):
             grads = [p.grad for p in run.params if p.grad is not None]
             if not all_finite(result.loss, result.puzzle_grad, *grads):
                 run.skip_nonfinite()                   # or StopTraining, past --skip-nonfinite steps
+                run.optimizer.zero_grad(set_to_none=True)
+                run.carry = None                       # the states in flight may be non-finite too: refill them all
                 continue
             update(run.optimizer, model, run.ema_model.parameters(), result, run.step, run.total_steps, tcfg)
             run.stop_if_weights_nonfinite(result, lr)
@@ -282,6 +297,376 @@ def train(tcfg, mcfg, resume_state=None):
     return model, run.ema_model, res
 
 
+# =====================================================================================================================
+# The run's plumbing. Nothing below changes what is computed: it only calls the algorithm above, and no gradient
+# is taken, detached or switched on here (test_trm.py checks that).
+# =====================================================================================================================
+
+# ------------------------------------------------------------------------------ settings and the command line
+
+@dataclass
+class TrainConfig(DataConfig):
+    """The run's settings, each a --flag: the data's (data.DataConfig), then these. The defaults, with model.TRMConfig's,
+    are the reference's Sudoku-Extreme run; a task's presets state what differs."""
+    preset: str = "auto"                 # paper on CUDA, cpu otherwise; hrm, hrm-paper: HRM at their scales
+    preset_note: str = ""                # not a flag: why this preset (chosen, or this machine's default), for the log
+    out: str = ""                        # default out/{task}-{preset}
+    # optimisation
+    batch_size: int = 768
+    micro_batch: int = 0                 # rows per forward/backward, gradients accumulated; 0 = auto
+    lr: float = 1e-4
+    warmup_steps: int = 2000
+    lr_min_ratio: float = 1.0            # cosine decay to lr x this after warmup; 1: constant, as the reference runs
+    weight_decay: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    puzzle_emb_lr: float = 1e-4
+    puzzle_emb_weight_decay: float = 1.0
+    ema: float = 0.999
+    epochs: int = 50000
+    max_steps: int = 0                   # 0: epochs * train puzzles / batch_size, as the reference counts
+    halt_exploration_prob: float = 0.1
+    # training-time depth (depth_at); evaluation always uses the model's n, T, N_sup
+    depth_schedule: str = "fixed"        # fixed, curriculum (CGAR's three stages) or random (per optimizer step)
+    curriculum_stages: str = "0.3,0.6"   # fractions of the run where the curriculum's stages 2 and 3 begin
+    depth_width: int = 1                 # random: n and T drawn uniformly from value +- width
+    random_n_sup: bool = False           # random: draw N_sup as well
+    supervision_decay: float = 1.0       # CGAR's loss weight lambda^(k-1) for supervision step k; 1 = off
+    # running
+    eval_interval: int = 2000            # steps; 0 evaluates only at the end
+    eval_limit: int = 1000               # held-out puzzles (arc: tasks) per periodic evaluation, 0 = all
+    checkpoint_interval: int = 2000
+    log_interval: float = 5.0            # seconds between log lines
+    dtype: str = "auto"                  # bfloat16 on CUDA, float32 elsewhere
+    compile: str = "auto"                # on for CUDA, off elsewhere
+    device: str = "auto"                 # cuda, then mps, then cpu
+    threads: int = 0                     # CPU threads, 0 = torch's default
+    seed: int = 0
+    resume: str = ""                     # a checkpoint path, or "auto" for the newest complete one in --out
+    overwrite: bool = False
+    skip_nonfinite: int = 0              # steps with a non-finite loss or gradient to skip before stopping
+    bench: str = ""                      # time training steps instead: e.g. float32,bfloat16,bfloat16+compile
+    bench_steps: int = 5                 # timed steps per variant, after 2 warm-up steps
+
+
+# Settings that are no flags: the data gives the model's vocabulary, length and puzzle ids, the preset its note.
+NOT_FLAGS = ("preset_note", "vocab_size", "seq_len", "num_puzzle_ids")
+
+# HRM (Wang et al. 2025) as the TRM paper's Table 1 starts from: two 4-layer networks f_L and f_H, n 2, T 2, the
+# 1-step gradient, ACT with a continue loss, and no EMA. The paper-scale HRM uses attention with RoPE, as HRM did.
+HRM = dict(separate_nets=True, one_step_grad=True, act_continue=True, n_layers=4, n=2, T=2, ema=0.0)
+
+
+def presets_of(task):
+    """A task's presets (its module's PRESETS) plus `hrm` (HRM at the cpu preset's scale, net and data) and
+    `hrm-paper` (HRM at the paper preset's)."""
+    presets = importlib.import_module(task).PRESETS
+    return {**presets, "hrm": {**presets["cpu"], **HRM},
+            "hrm-paper": {**presets["paper"], **HRM, "mlp_t": False, "rope": True}}
+
+
+def field_notes(cls):
+    """The comment after each field of a config dataclass, for its --help line (% escaped for argparse)."""
+    fields = (re.match(r"\s+(\w+): [^#]*#\s*(.+)", line) for line in inspect.getsource(cls).splitlines())
+    return {m[1]: m[2].replace("%", "%%") for m in fields if m}
+
+
+def parse_args(argv, description=None):
+    """The command line: every field of TrainConfig and TRMConfig but NOT_FLAGS becomes a --flag; only the flags
+    actually given are returned, so that a preset fills the rest."""
+    p = ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    notes = {**field_notes(DataConfig), **field_notes(TrainConfig), **field_notes(TRMConfig)}
+    for f in dataclasses.fields(TrainConfig) + dataclasses.fields(TRMConfig):
+        flag, unset = "--" + f.name.replace("_", "-"), argparse.SUPPRESS
+        if f.name in NOT_FLAGS:
+            continue
+        if f.name == "bench":    # a bare --bench compares float32 and bfloat16
+            p.add_argument(flag, nargs="?", const="float32,bfloat16", default=unset,
+                           help="time training steps of each variant (dtype, +compile) instead of training; "
+                                "a bare --bench is float32,bfloat16")
+        elif f.type is bool or f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=unset,
+                           help=f"{notes.get(f.name, '')} (default {f.default})")
+        else:
+            p.add_argument(flag, type=type(f.default), default=unset, help=f"{notes.get(f.name, '')} (default {f.default})")
+    p.add_argument("--n-sup", dest="N_sup", type=int, default=unset, help="supervision steps (default 16)")
+    return vars(p.parse_args(argv))
+
+
+def resolve_config(given):
+    """Defaults < task preset < the settings given (a dict of field names). Returns (TrainConfig, TRMConfig); the
+    model's vocabulary and sequence length are the task's data's."""
+    task = given.get("task", TrainConfig.task)
+    if task not in TASKS:
+        raise SettingsError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    presets, preset, note = presets_of(task), given.get("preset", "auto"), "chosen"
+    if preset == "auto":
+        preset = "paper" if torch.cuda.is_available() else "cpu"
+        note = f"default {'with' if preset == 'paper' else 'without'} CUDA"
+    if preset not in presets:
+        raise SettingsError(f"unknown preset {preset!r} for {task}; expected one of {', '.join(presets)}")
+    settings = {"preset_note": note, **presets[preset], **given, "task": task, "preset": preset}
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    tcfg = TrainConfig(**{k: v for k, v in settings.items() if k in train_names})
+    vocab_size, seq_len = importlib.import_module(task).shape(tcfg)
+    mcfg = TRMConfig(**{**{k: v for k, v in settings.items() if k not in train_names},
+                        "vocab_size": vocab_size, "seq_len": seq_len})
+    check_config(tcfg, mcfg)
+    return tcfg, mcfg
+
+
+def check_config(tcfg, mcfg):
+    """Settings that cannot work fail here, before any data is built or any file is touched."""
+    finite = math.isfinite
+    rules = [  # (names, test, what is expected); the data's sizes first, as the model's length follows them
+        (("size",), lambda v: 2 <= v <= 30, "a side of 2 to 30 cells (ARC grids are at most 30x30)"),
+        (("n", "T", "N_sup", "batch_size", "d_model", "n_layers", "n_heads", "vocab_size", "seq_len",
+          "num_puzzle_ids", "bench_steps"), lambda v: v >= 1, "a whole number of at least 1"),
+        (("max_steps", "epochs", "skip_nonfinite", "num_aug", "micro_batch", "threads", "seed", "data_seed",
+          "train_puzzles", "test_puzzles", "warmup_steps", "eval_interval", "eval_limit", "checkpoint_interval",
+          "puzzle_emb_len", "min_path", "difficulty"), lambda v: v >= 0, "a whole number of at least 0"),
+        # above 1 is a typo (1e4 for 1e-4), and near float32's limit AdamW fails converting its step size
+        (("lr", "puzzle_emb_lr"), lambda v: 0 < v <= 1, "a positive learning rate, at most 1"),
+        (("expansion", "rope_theta", "rms_eps"), lambda v: finite(v) and v > 0, "a positive number"),
+        (("weight_decay", "puzzle_emb_weight_decay", "log_interval"), lambda v: finite(v) and v >= 0,
+         "a number of at least 0"),
+        (("ema", "beta1", "beta2"), lambda v: 0 <= v < 1, "a rate in [0, 1)"),
+        (("lr_min_ratio",), lambda v: 0 <= v <= 1, "a ratio in [0, 1]"),
+        (("halt_exploration_prob",), lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    ]
+    for names, test, expected in rules:
+        for name in names:
+            value = getattr(tcfg, name, getattr(mcfg, name, None))
+            if not test(value):
+                flag = ("--n-sup" if name == "N_sup" else f"{name} (set by the data)" if name in NOT_FLAGS else
+                        "--" + name.replace("_", "-"))
+                raise SettingsError(f"{flag} is {value}; expected {expected}")
+    if tcfg.train_puzzles and tcfg.batch_size > tcfg.train_puzzles * (tcfg.num_aug + 1):
+        raise SettingsError(f"--batch-size {tcfg.batch_size} is larger than the "
+                            f"{tcfg.train_puzzles * (tcfg.num_aug + 1)} training rows "
+                            f"({tcfg.train_puzzles} puzzles x {tcfg.num_aug + 1} versions)")
+    if round(mcfg.expansion * min(mcfg.d_model, mcfg.puzzle_emb_len + mcfg.seq_len) * 2 / 3) < 1:
+        raise SettingsError(f"--expansion {mcfg.expansion} leaves the SwiGLU no hidden channels; expected a larger "
+                            f"factor (the paper's is 4)")
+    if tcfg.resume and tcfg.overwrite:
+        raise SettingsError("--resume continues the run in --out and --overwrite replaces it; expected one of them")
+    if mcfg.d_model % mcfg.n_heads:
+        raise SettingsError(f"--d-model {mcfg.d_model} is not divisible by --n-heads {mcfg.n_heads}")
+    if mcfg.rope and not mcfg.mlp_t and mcfg.d_model // mcfg.n_heads % 2:
+        raise SettingsError(f"--d-model {mcfg.d_model} over --n-heads {mcfg.n_heads} gives heads of "
+                            f"{mcfg.d_model // mcfg.n_heads} channels; RoPE rotates channel pairs, so expected an "
+                            f"even head size")
+    if not 0 < tcfg.supervision_decay <= 1:
+        raise SettingsError(f"--supervision-decay is {tcfg.supervision_decay}; expected a factor in (0, 1]")
+    curriculum_stages(tcfg)
+    if tcfg.depth_schedule == "random":
+        least = min(mcfg.n, mcfg.T, mcfg.N_sup if tcfg.random_n_sup else mcfg.n)
+        if least < 2:
+            raise SettingsError(f"--depth-schedule random with n {mcfg.n}, T {mcfg.T}: random depth draws n and T "
+                                f"from value +- width, so they must be at least 2")
+        if not 1 <= tcfg.depth_width < least:
+            raise SettingsError(f"--depth-width is {tcfg.depth_width}; random depth draws n and T from value +- width "
+                                f"and each must stay at least 1, so expected 1 to {least - 1}")
+    for name, value, allowed in (("depth-schedule", tcfg.depth_schedule, ("fixed", "curriculum", "random")),
+                                 ("latents", mcfg.latents, ("yz", "single", "multi")),
+                                 ("task-embedding", mcfg.task_embedding, ("id", "encoder")),
+                                 ("dtype", tcfg.dtype, ("auto", "float32", "bfloat16")),
+                                 ("compile", tcfg.compile, ("auto", "on", "off"))):
+        if value not in allowed:
+            raise SettingsError(f"--{name} is {value!r}; expected {', '.join(allowed[:-1])} or {allowed[-1]}")
+    check_variant(tcfg, mcfg)
+
+
+def check_variant(tcfg, mcfg):
+    """The paper's ablation switches combine as its tables do: two nets and the 1-step gradient are about y and z,
+    so they need both; multi-scale latents have n features, so n cannot change during training."""
+    if mcfg.latents != "yz" and (mcfg.separate_nets or mcfg.one_step_grad):
+        raise SettingsError(f"--latents {mcfg.latents} has no separate y to update, so --separate-nets and "
+                            f"--one-step-grad do not apply; expected --latents yz with them")
+    if mcfg.task_embedding == "encoder" and (tcfg.task != "arc" or mcfg.encoder_layers < 1):
+        raise SettingsError(f"--task-embedding encoder with --task {tcfg.task} and --encoder-layers "
+                            f"{mcfg.encoder_layers}: the encoder reads ARC demonstrations, so expected --task arc "
+                            f"and at least 1 layer")
+    if mcfg.latents == "multi" and tcfg.depth_schedule != "fixed":
+        raise SettingsError(f"--latents multi keeps n latent features, so n cannot follow --depth-schedule "
+                            f"{tcfg.depth_schedule}; expected --depth-schedule fixed")
+
+
+def curriculum_stages(tcfg):
+    """--curriculum-stages as two fractions 0 < a < b < 1."""
+    try:
+        a, b = (float(v) for v in tcfg.curriculum_stages.split(","))
+    except ValueError:
+        a = b = -1.0
+    if not 0 < a < b < 1:
+        raise SettingsError(f"--curriculum-stages is {shown(tcfg.curriculum_stages)}; expected two fractions such as "
+                            f"0.3,0.6, where the second and third stages begin")
+    return a, b
+
+
+def fit_to_data(mcfg, ds, fresh):
+    """The model config for this data: ARC's puzzle-id count comes from the data (one id per augmented task).
+    The encoder keeps a one-row table: its data's ids only find each row's demonstrations."""
+    ids = mcfg.task_embedding == "id"
+    if ids and ds.num_puzzle_ids > 1 and fresh:
+        mcfg = dataclasses.replace(mcfg, num_puzzle_ids=ds.num_puzzle_ids)
+    if (mcfg.seq_len != ds.seq_len or mcfg.vocab_size != ds.vocab_size
+            or ids and mcfg.num_puzzle_ids < ds.num_puzzle_ids):
+        raise DataError(f"the data has sequences of {ds.seq_len} tokens over {ds.vocab_size} symbols and "
+                        f"{ds.num_puzzle_ids} puzzle ids, but the model is set for {mcfg.seq_len}, "
+                        f"{mcfg.vocab_size} and {mcfg.num_puzzle_ids}")
+    return mcfg
+
+
+def micro_batch_size(tcfg, mcfg, device, world=1):
+    """Rows per forward/backward: the whole batch on a GPU; on a CPU few enough that the activations kept for
+    the backward pass stay near 6 GB. Measured: about 160 bytes per (net call with gradient) x layer x
+    position x width in float32, i.e. 112 MB per row of the paper's Sudoku model (22 GB peak at 168 rows). The
+    DemoEncoder adds its layers for each of a row's pairs, padded to the most of any task: 10 in ARC-AGI-1."""
+    local = tcfg.batch_size // world
+    if tcfg.micro_batch:
+        return min(tcfg.micro_batch, local)
+    if device.type != "cpu":
+        return local
+    pairs = 10 * mcfg.encoder_layers if mcfg.task_embedding == "encoder" else 0
+    per_row = 160 * ((mcfg.n + 1) * mcfg.n_layers + pairs) * (mcfg.puzzle_emb_len + mcfg.seq_len) * mcfg.d_model
+    return max(1, min(local, int(6e9 // per_row)))
+
+
+
+# ------------------------------------------------------------------------------ devices and torchrun's processes
+
+def setup_runtime(tcfg):
+    """(device, dtype name, whether to compile, the autocast context) for the settings. --device auto takes
+    CUDA, then Apple's MPS, then the CPU; under torchrun each process takes the GPU of its LOCAL_RANK."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    name = tcfg.device if tcfg.device != "auto" else "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise SettingsError(f"--device {shown(name)} is not a device; expected auto, cpu, cuda, cuda:N or mps")
+    usable = dict(cpu=1, cuda=torch.cuda.device_count() if torch.cuda.is_available() else 0, mps=int(mps))
+    if (device.index or 0) >= usable[device.type]:
+        raise SettingsError(f"--device {name}: this machine has {usable[device.type] or 'no'} {device.type} "
+                            f"device{'s' * (usable[device.type] != 1)} that torch {torch.__version__} can use; "
+                            f"expected auto or cpu")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    # MPS is untested here (no Mac): float32 unless --dtype bfloat16 asks for autocast there.
+    dtype = tcfg.dtype if tcfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    compile_on = tcfg.compile == "on" or (tcfg.compile == "auto" and device.type == "cuda")
+    why_not = compile_on and device.type == "cpu" and cpu_compile_fails()
+    if why_not:   # the cpu presets ask for it; a laptop without a C++ compiler still trains, eagerly
+        print(f"torch.compile cannot build CPU code here ({why_not}), so training runs without it, about 1.5x "
+              f"slower", file=sys.stderr, flush=True)
+        compile_on = False
+    if compile_on:         # each (n, T, N_sup) of a training depth schedule compiles once: keep them all
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, 2 * depth_count(tcfg))
+    if tcfg.threads:       # capped at the machine's: a checkpoint may come from a bigger one, and 10^5 crashes torch
+        torch.set_num_threads(min(tcfg.threads, os.cpu_count() or 1))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    # bf16 forward with float32 master weights: autocast casts each weight once per region.
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    return device, dtype, compile_on, autocast
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_compile_fails():
+    """Why torch.compile cannot build CPU code on this machine (it needs a working C++ compiler), or "" when it
+    can: a seconds-long probe on a two-line function."""
+    try:
+        torch.compile(lambda t: t * 2 + 1)(torch.ones(4))
+        return ""
+    except Exception as e:      # InductorError, a compiler's CalledProcessError, ...: any failure means eager
+        return str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+
+
+def depth_count(tcfg):
+    """How many distinct (n, T, N_sup) depth_at can give: what torch.compile compiles."""
+    if tcfg.depth_schedule == "random":
+        return (2 * tcfg.depth_width + 1) ** (3 if tcfg.random_n_sup else 2)
+    return 3 if tcfg.depth_schedule == "curriculum" else 1
+
+
+class Ranks:
+    """This process's place among the torchrun processes (rank 0 of 1 without torchrun). Every rank takes an
+    equal contiguous share of each global batch (and of the evaluation rows); results are summed or gathered
+    so that rank 0 sees the whole."""
+
+    def __init__(self, rank=0, world=1, backend=None):
+        self.rank, self.world, self.backend, self.main = rank, world, backend, rank == 0
+
+    @classmethod
+    def from_env(cls):
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if world == 1:
+            return cls()
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), world, dist.get_backend())
+
+    def finish(self):
+        """All ranks leave together: a rank that exits while rank 0 still writes its checkpoint and pictures can
+        take gloo's threads down with it (an abort, 'terminate called without an active exception')."""
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+            dist.destroy_process_group()
+
+    def rows(self, n):
+        """This rank's contiguous share of n global rows (equal shares when world divides n)."""
+        return slice(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (building cached data, say); the others wait, then run it."""
+        import torch.distributed as dist
+        if self.world > 1 and not self.main:
+            dist.barrier()
+        yield
+        if self.world > 1 and self.main:
+            dist.barrier()
+
+    def sum(self, tensor):
+        """tensor summed over the ranks, in place."""
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(tensor)
+        return tensor
+
+    def sum_all(self, tensors):
+        """Each tensor summed over the ranks in place, all in one all-reduce of their concatenation."""
+        flat = self.sum(torch.cat([t.reshape(-1) for t in tensors]))
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def gather_objects(self, obj):
+        """Every rank's picklable obj (arrays of predictions, say), in rank order."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def gather(self, tensor):
+        """Every rank's tensor, concatenated along dim 0 in rank order (None, a tensor the run lacks, stays None)."""
+        if self.world == 1 or tensor is None:
+            return tensor
+        import torch.distributed as dist
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+
 # ------------------------------------------------------------------------------------------ the run
 
 @dataclass
@@ -292,7 +677,7 @@ class Run:
     mcfg: TRMConfig
     task: object
     ranks: Ranks
-    log: "Logger"
+    log: object                   # the Logger
     device: torch.device
     autocast: object
     compile_on: bool
@@ -312,7 +697,7 @@ class Run:
     last_log: float = 0.0
     sums: dict = None             # statistics summed since the last log line
     steps_logged: int = 0
-    folder: OutputFolder = None   # --out, claimed by rank 0
+    folder: object = None         # the OutputFolder of --out, claimed by rank 0
     eval_seconds: float = 0.0     # spent in periodic evaluations, left out of train_seconds
 
     @property
@@ -348,10 +733,7 @@ class Run:
 
         torch.manual_seed(tcfg.seed)     # every rank: the same weights, the same exploration draws
         model = TRM(mcfg).to(device)
-        # The puzzle-embedding table is not averaged (the reference keeps it out of the EMA): both models
-        # share it, so its memory (1.8 GB for ARC-AGI-1) is held once, and saved once.
-        ema_model = copy.deepcopy(model, memo={id(model.puzzle_emb): model.puzzle_emb}).eval()
-        ema_model.requires_grad_(False)
+        ema_model = ema_copy(model)
         optimizer = adamw(model, tcfg, device)
         batches = Batches(train_ds, tcfg.batch_size, tcfg.seed, device, ranks.rows(tcfg.batch_size),
                           demos=model.reads_demos)
@@ -394,8 +776,6 @@ class Run:
                                f"(--skip-nonfinite N skips up to N such steps)")
         self.log(f"step {self.step + 1}: non-finite loss or gradient, skipped "
                  f"({self.skipped} of at most {self.tcfg.skip_nonfinite})")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.carry = None    # the states in flight may be non-finite too: refill every slot
 
     def stop_if_weights_nonfinite(self, result, lr):
         """After an update: NaN or inf weights, EMA or updated puzzle-embedding rows stop the run before a save."""
@@ -434,19 +814,21 @@ class Run:
         return now - self.t0 - self.eval_seconds
 
     def evaluate(self):
+        """The EMA weights on the held-out puzzles (evaluate.during_training); the log and curves.png redrawn."""
         t = time.time()
-        res, line, scores = evaluate.during_training(self.task, self.tcfg, self.ema_model, self.test_ds,
-                                                     self.device, self.autocast, self.ranks)
+        res, line, scores = evaluate.during_training(self.task, self.tcfg, self.ema_model, self.test_ds, self.device,
+                                                     self.autocast, self.ranks, self.tcfg.batch_size // self.ranks.world,
+                                                     self.tcfg.eval_limit or None)
         if self.ranks.main:
             self.eval_seconds += time.time() - t
             self.log(f"eval step {self.step}: {line}", kind="eval", step=self.step, per_step=res,
                      train_seconds=self.train_seconds(time.time()), **scores)
-            plot_curves(self.log.path, os.path.join(self.tcfg.out, "curves.png"),
-                        f"{self.tcfg.task}/{self.tcfg.preset}")
+            evaluate.plot_curves(self.log.path, os.path.join(self.tcfg.out, "curves.png"),
+                                 f"{self.tcfg.task}/{self.tcfg.preset}")
         return res
 
     def save(self):
-        """A checkpoint (evaluate.training_state); the newest two are kept. Every rank takes part."""
+        """A checkpoint (training_state); the newest two are kept. Every rank takes part."""
         state = training_state(self)
         if state is None:
             return None
@@ -454,21 +836,279 @@ class Run:
         return self.last_ckpt
 
 
-# ------------------------------------------------------------------------------------- command line
+class Logger:
+    """Prints a line and appends its record, if any, to metrics.jsonl; ranks other than 0 say nothing."""
+
+    def __init__(self, out, quiet=False):
+        # opened at the first record, so that a run that fails before its first step leaves no empty file
+        self.path = os.path.join(out, "metrics.jsonl") if out else None
+        self.file, self.quiet = None, quiet
+
+    def __call__(self, line, **record):
+        if not self.quiet:
+            print(line, flush=True)
+        if self.path and record:
+            self.file = self.file or open(self.path, "a")
+            self.file.write(json.dumps(null_for_nan(record)) + "\n")
+            self.file.flush()
+
+
+def null_for_nan(value):
+    """A record with NaN (an unscored accuracy) as null: json.dumps would write NaN, which is not JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: null_for_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [null_for_nan(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------ checkpoints and the output folder
+
+def training_state(run):
+    """What a resumed Run needs to compute the same weights: models, optimizer, data position, the carry of every
+    rank (each takes part in the gather) and the random state. None on ranks other than 0."""
+    carry = {k: run.ranks.gather(v).cpu() for k, v in run.carry.items()}
+    if not run.ranks.main:
+        return None
+    return dict(model=run.model.state_dict(), ema=run.ema_model.state_dict(), optimizer=run.optimizer.state_dict(),
+                step=run.step, batches=run.batches.state_dict(), train_config=dataclasses.asdict(run.tcfg),
+                model_config=dataclasses.asdict(run.mcfg), carry=carry,
+                rng=dict(torch=torch.get_rng_state(),
+                         cuda=torch.cuda.get_rng_state() if run.device.type == "cuda" else None))
+
+
+def restore_training(run, state):
+    """The inverse of training_state, into a freshly built Run of the same settings."""
+    path = run.tcfg.resume
+    evaluate.load_weights(run.model, state["model"], path)
+    evaluate.load_weights(run.ema_model, state["ema"], path)
+    try:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.batches.load_state_dict(state["batches"])
+        run.step = int(state["step"])
+        run.carry = {k: v[run.mine].to(run.device) for k, v in state["carry"].items()}
+        torch.set_rng_state(state["rng"]["torch"])
+        if run.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+        raise DataError(f"checkpoint {path} cannot be resumed: its optimizer, data position or random "
+                        f"state is damaged ({type(e).__name__})") from None
+    run.log(f"resumed at step {run.step} from {path}")
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, flush it to disk, then rename: a crash leaves the old file or the new one, and
+    a failed write (a full disk) removes its temporary file and says so in one sentence."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):   # torch's zip writer reports a failed write as RuntimeError
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else shown(str(e), 80)
+            raise DataError(f"checkpoint {path} could not be written ({reason}); the partial file was removed and "
+                            f"the checkpoints before it are intact") from None
+        raise
+
+
+def load_checkpoint(path):
+    """One of our checkpoints, to resume: evaluate.read_checkpoint's checks, and its training settings too."""
+    state = evaluate.read_checkpoint(path)
+    tcfg = evaluate.config_from(TrainConfig, state["train_config"], f"checkpoint {path}")
+    mcfg = evaluate.config_from(TRMConfig, state["model_config"], f"checkpoint {path}")
+    try:
+        check_config(tcfg, mcfg)
+    except SettingsError as e:
+        raise DataError(f"checkpoint {path} holds settings that cannot work: {e}") from None
+    return state
+
+
+def checkpoints_in(folder):
+    return sorted(glob.glob(os.path.join(folder, "ckpt_*.pt")))
+
+
+def prune_checkpoints(folder, keep, good):
+    """Delete all but the newest `keep` checkpoints in folder that load; good: paths known to load (updated).
+    A damaged checkpoint is deleted, so it can never outlive a good one."""
+    kept = 0
+    for path in reversed(checkpoints_in(folder)):
+        if kept < keep and path not in good:
+            try:
+                load_checkpoint(path)
+                good.add(path)
+            except DataError as e:
+                print(f"removing {path}: {e}")
+        if kept < keep and path in good:
+            kept += 1
+        else:
+            os.remove(path)
+            good.discard(path)
+
+
+def find_checkpoint(resume, out):
+    """--resume PATH, or --resume auto: the newest checkpoint in out that loads (a damaged one is skipped)."""
+    if resume != "auto":
+        return resume, load_checkpoint(resume)
+    for path in reversed(checkpoints_in(out)):
+        try:
+            return path, load_checkpoint(path)
+        except DataError as e:
+            print(f"skipping {path}: {e}")
+    raise DataError(f"--resume auto found no complete checkpoint in {out}")
+
+
+def resumed_config(given, tcfg):
+    """--resume: the checkpoint's settings, changed where the command line says so (--max-steps, say), except
+    the task and the model's shape. Returns them with the checkpoint's state."""
+    path, state = find_checkpoint(tcfg.resume, tcfg.out)
+    saved = {**state["train_config"], **state["model_config"]}
+    for k in ("task", *state["model_config"]):
+        if k in given and given[k] != saved[k]:
+            raise SettingsError(f"checkpoint {path} was trained with {k} {saved[k]}, not {given[k]}")
+    return (*resolve_config({**saved, **given, "resume": path, "out": tcfg.out}), state)
+
+
+def check_out_use(tcfg):
+    """A run may not mix into a folder holding another run's checkpoints unless told to replace them; a run
+    resumed from a checkpoint elsewhere counts as another run."""
+    theirs = checkpoints_in(tcfg.out)
+    if tcfg.resume and os.path.abspath(tcfg.resume) in map(os.path.abspath, theirs):
+        return
+    if theirs and not tcfg.overwrite:
+        raise SettingsError(f"{tcfg.out} already holds a run; use --resume auto to continue it, "
+                            f"--overwrite to replace it, or --out for a new folder")
+
+
+def lock_folder(out):
+    """Claim out for this process: an exclusive lock on out/run.lock, which the kernel drops when the process ends
+    however it ends, so a killed run's lock never blocks the next. The file holds the process id, for messages.
+    Returns (the open lock file, a line to log or None)."""
+    path = os.path.join(out, "run.lock")
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "(unknown)"
+            f.close()
+            raise SettingsError(f"{out} is in use by process {holder}, which holds {path}; wait for it to end "
+                                f"or choose another --out") from None
+        if os.path.exists(path) and os.path.samestat(os.fstat(f.fileno()), os.stat(path)):
+            break
+        f.close()            # locked a file its last holder had just removed: lock the one at the path now
+    f.seek(0)
+    before = f.read().strip()
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f, f"took over {path}: process {before} that held it is gone" if before else None
+
+
+class OutputFolder:
+    """A training run's --out, claimed by one process: made if absent and locked (`lock_folder`), checked again
+    under the lock (`check_out_use`), cleared of the .tmp a killed run left. `save` writes a checkpoint and keeps
+    the newest two that load. With --overwrite the old run's files are noted and go in `drop_replaced`, once the
+    new run has made a step. Leaving releases the lock, and the folder too if the run wrote nothing there."""
+
+    def __init__(self, tcfg, log):
+        self.out, self.log, self.good = tcfg.out, log, {tcfg.resume} if tcfg.resume else set()
+        self.made = evaluate.make_folder(self.out)
+        self.lock, note = lock_folder(self.out)
+        if note:
+            log(note)
+        try:
+            check_out_use(tcfg)      # another run may have finished into the folder since main checked
+        except SettingsError:
+            self.release()
+            raise
+        for tmp in glob.glob(os.path.join(self.out, "ckpt_*.pt.tmp")):
+            os.remove(tmp)
+            log(f"removed {tmp}, a checkpoint whose writing was cut off")
+        old = checkpoints_in(self.out) + [os.path.join(self.out, f) for f in ("metrics.jsonl", "curves.png")]
+        self.replaced = [p for p in old if os.path.exists(p)] if tcfg.overwrite else []
+
+    def drop_replaced(self):
+        for path in self.replaced:
+            os.remove(path)
+        if self.replaced:
+            self.log(f"--overwrite: removed the {len(self.replaced)} files of the previous run in {self.out}")
+        self.replaced = []
+
+    def save(self, state, step):
+        path = os.path.join(self.out, f"ckpt_{step:08d}.pt")
+        save_checkpoint(path, state)
+        self.good.add(path)
+        prune_checkpoints(self.out, 2, self.good)
+        return path
+
+    def release(self):
+        os.remove(self.lock.name)     # while still held, so no other run can have locked it
+        self.lock.close()
+        if self.made and not os.listdir(self.out):
+            os.rmdir(self.out)
+
+
+# ---------------------------------------------------------------------------------- signals and the command line
+
+class StopRequest:
+    """SIGINT (Ctrl-C) and SIGTERM ask the training loop to stop after the step in flight and save a checkpoint;
+    the same signal again abandons the step at once (KeyboardInterrupt)."""
+
+    def __enter__(self):
+        self.signum = None
+        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: stopping after this step to save a checkpoint "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def agreed(self, ranks, device):
+        """Whether to stop now: under torchrun all ranks stop at the same step, when any of them was asked."""
+        if ranks.world == 1:
+            return self.signum is not None
+        return bool(ranks.sum(torch.tensor([float(self.signum is not None)], device=device)) > 0)
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal after saving: one line says where and how to resume; exit 128 + signum."""
+
+    def __init__(self, signum, path, out):
+        self.exit_code, name = 128 + signum, signal.Signals(signum).name
+        super().__init__(f"stopped by {name} at a step boundary; checkpoint {path}; continue with "
+                         f"python train.py --resume auto --out {out}" if path else
+                         f"stopped by {name} before the first step; nothing was saved")
+
 
 def main(argv=None):
     given = parse_args(argv, __doc__.split("\n")[0])
     sizes = "--batch-size, --micro-batch, --d-model, --puzzle-emb-len or --num-aug"
-    one_sentence_on_failure(lambda: start(given), sizes, expected=(StopTraining,))
+    one_sentence_on_failure(lambda: run_command(given), sizes, expected=(StopTraining, Interrupted))
 
 
-def start(given):
+def run_command(given):
     """The command line's run: a benchmark, a new run, or a resumed one (settings from its checkpoint)."""
     tcfg, mcfg = resolve_config(given)
     if tcfg.bench:
-        return evaluate.bench(tcfg, mcfg, bench_step)
+        return bench(tcfg, mcfg)
     tcfg.out = tcfg.out or os.path.join("out", f"{tcfg.task}-{tcfg.preset}")
-    check_out_folder(tcfg.out)
+    evaluate.check_out_folder(tcfg.out)
     resume_state = None
     if tcfg.resume:
         tcfg, mcfg, resume_state = resumed_config(given, tcfg)
@@ -476,12 +1116,60 @@ def start(given):
     train(tcfg, mcfg, resume_state)
 
 
-# ---------------------------------------------------------------------------------------------- bench
+# ------------------------------------------------------------------------------------------- the benchmark
+
+BENCH_DEMOS = 3      # demonstrations per row in --bench of an encoder model: the synthetic tasks' (ARC's mean is 3.3)
+
+
+def bench(tcfg, mcfg):
+    """`--bench`: time full training steps (bench_step: forward, backward, AdamW, sign-SGD, EMA) on random puzzles
+    of the configured shape, one line per variant; no data is built and nothing written."""
+    flops = flops_per_sample(mcfg, BENCH_DEMOS)
+    print(f"bench {tcfg.task}/{tcfg.preset}: batch {tcfg.batch_size}, D {mcfg.d_model}, "
+          f"{'token MLP' if mcfg.mlp_t else 'attention'}, n {mcfg.n}, T {mcfg.T}, "
+          f"{mcfg.puzzle_emb_len + mcfg.seq_len} positions; {flops / 1e9:.2f} GFLOP per sample and step")
+    for variant in tcfg.bench.split(","):
+        dtype, _, compiled = variant.partition("+")
+        if compiled not in ("", "compile"):
+            raise SettingsError(f"--bench variant {variant!r}; expected a dtype, optionally with +compile")
+        vcfg = dataclasses.replace(tcfg, dtype=dtype, compile="on" if compiled else "off")
+        check_config(vcfg, mcfg)
+        device, dtype, compile_on, autocast = setup_runtime(vcfg)
+        torch.manual_seed(tcfg.seed)
+        model = TRM(mcfg).to(device).train()
+        micro = micro_batch_size(tcfg, mcfg, device)
+        step = bench_step(model, vcfg, device, autocast, compile_on, micro)
+        B, L, V = tcfg.batch_size, mcfg.seq_len, mcfg.vocab_size
+        batch = dict(inputs=torch.randint(1, V, (B, L), device=device),
+                     labels=torch.randint(1, V, (B, L), device=device),
+                     puzzle_ids=torch.randint(0, mcfg.num_puzzle_ids, (B,), device=device))
+        if model.reads_demos:
+            batch.update(demos=torch.randint(1, V, (B, BENCH_DEMOS, 2, L), device=device),
+                         demo_mask=torch.ones(B, BENCH_DEMOS, dtype=torch.bool, device=device))
+
+        def timed(steps):
+            synchronize(device)
+            t = time.perf_counter()
+            for _ in range(steps):
+                step(batch)
+            synchronize(device)
+            return time.perf_counter() - t
+
+        peak_memory(device, reset=True)
+        warm = timed(2)
+        per_step = timed(tcfg.bench_steps) / tcfg.bench_steps
+        memory = peak_memory(device)
+        achieved, peak = flops * B / per_step, matmul_peak(device, dtype)
+        print(f"{variant:>18}: {B / per_step:8,.1f} samples/s | {1000 * per_step:9,.1f} ms/step | "
+              f"peak memory {memory / 1e9:5.2f} GB | {achieved / 1e12:6.3f} TFLOP/s = {achieved / peak:5.1%} "
+              f"MFU of {peak / 1e12:.3f} TFLOP/s measured {dtype} matmul | warm-up (compile) {warm:.0f}s"
+              + (f", micro-batches of {micro}" if micro < B else ""), flush=True)
+
 
 def bench_step(model, tcfg, device, autocast, compile_on, micro):
-    """For `evaluate.bench`: one full training step (refill, forward, backward, AdamW, sign-SGD, EMA) as the loop
-    runs it, on whatever batch it is given."""
-    ema_params = [p.detach().clone() for p in model.parameters()]
+    """One full training step (refill, forward, backward, AdamW, sign-SGD, EMA) as the loop runs it, on whatever
+    batch it is given."""
+    ema_params = list(ema_copy(model).parameters())
     optimizer = adamw(model, tcfg, device)
     step_fn = torch.compile(supervision_step) if compile_on else supervision_step
     carry = None
@@ -494,6 +1182,41 @@ def bench_step(model, tcfg, device, autocast, compile_on, micro):
         update(optimizer, model, ema_params, result, 0, 1, tcfg)
         carry = result.carry
     return step
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device, dtype):
+    """FLOP/s of a large square matmul in dtype on device, measured now (best of 7): the MFU denominator."""
+    N = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(N, N, device=device).to(getattr(torch, dtype)) for _ in range(2))
+    best = float("inf")
+    for _ in range(7):
+        synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * N ** 3 / best
+
+
+def peak_memory(device, reset=False):
+    """Peak bytes: CUDA memory allocated, or on a CPU the process's peak resident set (Linux), reset on request."""
+    if device.type == "cuda":
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    except OSError:
+        return float("nan")
 
 
 if __name__ == "__main__":
