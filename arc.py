@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data import Dataset, DataError, dihedral, inverse_dihedral, permute_tokens, shown
+from data import Dataset, DataError, SettingsError, dihedral, inverse_dihedral, permute_tokens, shown
 
 SIZE = 30          # canvas side: ARC grids are at most 30x30 (a smaller canvas, --size, suits small tasks on a CPU)
 EOS = 1            # the end marker; 0 is pad
@@ -1007,6 +1007,52 @@ def by_family(per_task):
     for task_id, value in per_task.items():
         families.setdefault(re.sub(r"-?\d+$", "", task_id), []).append(value)
     return {f: sum(v) / len(v) for f, v in sorted(families.items())}
+
+
+def own_task(dcfg, task_id):
+    """One of the model's own evaluation tasks by id, with its test rows as a dataset of one group (the rows of all
+    its augmented versions, their trained puzzle ids) and their metadata: (task, Dataset, metadata)."""
+    _, test_ds, meta, tasks = prepared(dcfg)
+    if task_id not in tasks:
+        ids = list(tasks)
+        raise SettingsError(f"--solve {shown(task_id)} is neither an ARC task file nor one of this model's "
+                            f"{len(ids)} evaluation tasks; expected a file or one of the task ids "
+                            f"{', '.join(ids[:16])}" + (", ..." if len(ids) > 16 else ""))
+    rows = np.flatnonzero(meta["task_ids"][meta["task"]] == task_id)
+    ds = Dataset(test_ds.inputs[rows], test_ds.labels[rows], test_ds.puzzle_ids[rows], np.array([0, len(rows)]),
+                 test_ds.vocab_size, test_ds.num_puzzle_ids, test_ds.demos)
+    per_row = ("task", "test_index", "k", "perm", "puzzle_id")
+    return tasks[task_id], ds, {k: v[rows] if k in per_row else v for k, v in meta.items()}
+
+
+def identity_row(meta, test_index):
+    """The test row of test input test_index under the identity transform: the version evaluate.py's page follows."""
+    identity = (meta["k"] == 0) & (meta["perm"] == np.arange(10)).all(1)
+    return int(np.flatnonzero(identity & (meta["test_index"] == test_index))[0])
+
+
+def page_view(inputs, labels):
+    """How evaluate.py's --html page draws an ARC canvas, inputs and labels tokens [L]: pad white, the end marker
+    pale brown, colours in ARC's palette; the answer is the labels, pad unscored, when the output is known."""
+    size = math.isqrt(len(inputs))
+    return dict(title="ARC", rows=size, cols=size, box=0, ink="#ffffff", givens=[False] * len(inputs),
+                tokens=[("", "#ffffff"), ("", "#d7ccc8")] + [("", c) for c in PALETTE],
+                answer=labels.tolist() if labels.any() else None)
+
+
+def page_task(name, task, test_index, meta, preds, halt_probs):
+    """The ARC part of evaluate.py's --html page for one test input: the demonstration pairs, the test input and
+    its true output (None when unknown) as rows of colours, the palette, and every augmented version's vote
+    after the last step (preds [rows, L] and halt_probs [rows] of the test rows in meta): each candidate grid with
+    its votes, in vote()'s order, so the first two are the attempts."""
+    predictions = [p for p in unaugment(meta, np.arange(len(preds)), preds, halt_probs) if p[1] == test_index]
+    ranked = vote(predictions).get((name, test_index), [])
+    test_input, truth = task["test"][test_index]
+    votes = [dict(grid=g.tolist(), votes=sum(p[2] is not None and np.array_equal(p[2], g) for p in predictions),
+                  right=None if truth is None else bool(np.array_equal(g, truth))) for g in ranked]
+    return dict(palette=PALETTE, demos=[(i.tolist(), o.tolist()) for i, o in task["train"]],
+                test_input=test_input.tolist(), truth=None if truth is None else truth.tolist(), votes=votes,
+                versions=len(predictions), unreadable=sum(p[2] is None for p in predictions))
 
 
 # ----------------------------------------------------------------------------- picture

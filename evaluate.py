@@ -5,6 +5,8 @@ voted scores, one puzzle solved step by step, training runs compared, and the pi
     python evaluate.py --checkpoint CKPT --steps 8,16,32 --breadth 1,4,16 --init random --noise 0.3
     python evaluate.py --checkpoint CKPT --solve "<81 characters>"
     python evaluate.py --checkpoint CKPT --solve TASK.json      # ARC, a model trained with --task-embedding encoder
+    python evaluate.py --checkpoint CKPT --solve TASK_ID --html # ARC, one of the model's own evaluation tasks, and
+                                                                # a page that steps through the solve
     python evaluate.py --runs out/a,out/b --out figures/
 
 A checkpoint is read as the plain dict train.py saved (or a reference state_dict), so this file needs nothing of
@@ -24,7 +26,7 @@ import torch
 import arc
 from data import (ArgumentParser, Dataset, DataConfig, DataError, Progress, SettingsError, count_rows,
                   one_sentence_on_failure, shown, to_device)
-from model import TRM, TRMConfig, from_reference_state_dict
+from model import TRM, TRMConfig, from_reference_state_dict, stablemax
 
 
 # ---------------------------------------------------------------------------------- reading a trained model
@@ -401,14 +403,21 @@ def encoder_diagnostics(model, dcfg, ds, device, autocast, ranks, batch_size, li
 
 def solve_task_file(path, model, dcfg, N, device, autocast, out):
     """--solve TASK.json: an encoder model's two attempts at each test input of a task it has never seen, from its
-    demonstrations alone, voted across the run's augmentations; printed, and drawn into out."""
-    if not model.reads_demos:
-        raise SettingsError("this model was trained with puzzle ids (--task-embedding id), which exist only for the "
-                            "tasks it trained on, so it cannot attempt a new task; expected a model trained with "
-                            "--task-embedding encoder, which reads the task's demonstrations")
-    name = os.path.splitext(os.path.basename(path))[0]
-    task = arc.read_task_file(path, name)
-    _, test_ds, meta, _ = arc.build({}, {name: task}, dcfg.num_aug, dcfg.data_seed, dcfg.size, unseen=True)
+    demonstrations alone, voted across the run's augmentations; or --solve TASK_ID: any model's attempts at one of
+    its own evaluation tasks (an id model can attempt no other). Printed, and drawn into out. Returns (task id,
+    task, its test rows, their metadata, the last step's results), for the solve page."""
+    if os.path.isfile(path) or path.endswith(".json"):
+        if not model.reads_demos:
+            raise SettingsError("this model was trained with puzzle ids (--task-embedding id), which exist only for "
+                                "the tasks it trained on, so it cannot attempt a new task; expected a model trained "
+                                "with --task-embedding encoder, which reads the task's demonstrations, or one of "
+                                "this model's evaluation tasks by id")
+        name = os.path.splitext(os.path.basename(path))[0]
+        task = arc.read_task_file(path, name)
+        _, test_ds, meta, _ = arc.build({}, {name: task}, dcfg.num_aug, dcfg.data_seed, dcfg.size, unseen=True)
+    else:
+        name = path
+        task, test_ds, meta = arc.own_task(dcfg, name)
     res = accuracy_by_step(model, test_ds, N, 256, device, autocast, keep=(N,))
     ranked = arc.vote(arc.unaugment(meta, np.arange(len(test_ds.inputs)), res[-1]["preds"], res[-1]["halt"]))
     make_folder(out)
@@ -424,6 +433,7 @@ def solve_task_file(path, model, dcfg, N, device, autocast, out):
         picture = arc.draw_task(task, i, attempts, truth, os.path.join(out, f"arc_solve_{name}_{i}.png"),
                                 title=f"task {name}")
         print(f"picture: {picture}")
+    return name, task, test_ds, meta, res[-1]
 
 
 # ------------------------------------------------------------------------------------------ pictures
@@ -544,6 +554,447 @@ def plot_runs(folders, out):
 
 
 
+# ------------------------------------------------------------------------------ watch it think: the solve page
+# `--solve ... --html`: one self-contained HTML file (the data inlined as JSON, plain JavaScript and CSS, nothing
+# fetched) that steps through a solve net call by net call: the answer y and the latent z read through
+# output_head after every call, the halting probability and the wrong cells after every supervision step. The
+# trajectory is recorded from model.forward by wrapping model.net; nothing here runs a copy of the recursion.
+
+def check_html(args, mcfg):
+    """--html's settings, checked before anything runs."""
+    if args.solve is None:
+        raise SettingsError("--html writes the page of one solve; expected --solve too")
+    if args.html:
+        if os.path.isdir(args.html):
+            raise SettingsError(f"--html {args.html} is a folder; expected a file name such as solve.html")
+        check_out_folder(os.path.dirname(os.path.abspath(args.html)), "--html")
+    if mcfg.latents != "yz":
+        raise SettingsError(f"--html draws the answer y and the latent z of TRM's recursion, and this model's "
+                            f"--latents {mcfg.latents} keeps no such pair; expected a model with --latents yz")
+
+
+def decoded(model, h, autocast):
+    """A state h [1, P+L, D] read as the answer is read, through output_head without the P prefix positions:
+    dict(tokens: the argmax tokens, confidence: their stablemax probability in whole percent), lists of L ints."""
+    with torch.no_grad(), autocast:
+        logits = model.output_head(h)[0, model.cfg.puzzle_emb_len:]                       # [L, V]
+    tokens = logits.argmax(-1)                                      # as run_steps reads it, in the same dtype
+    p = stablemax(logits.float()).gather(-1, tokens[:, None])[:, 0]
+    return dict(tokens=tokens.tolist(), confidence=(100 * p).round().int().tolist())
+
+
+def recorded_solve(model, batch, N, autocast):
+    """One puzzle (a batch of one row) solved by model.forward for N supervision steps, as run_steps runs it, with
+    every net call recorded and decoded. Gradient mode is on, as in training, so that the grad mode seen at each call
+    is the one model.py gives it (the no_grad rounds, the round that carries the gradient); nothing is
+    backpropagated. Whether a call updates z or y is read from the state it is handed, so any variant that keeps
+    TRM's y and z is labelled truly. Returns dict(start: y_init and z_init decoded, calls: one per net call in
+    order, each with its supervision step, round, state (z or y), grad and decoding, halt: the halting
+    probability after each step)."""
+    model.eval()
+    seen, net, own = [], model.net, vars(model).get("net")     # own: a wrapper already there, put back below
+
+    def recording_net(h, injection, blocks=None):
+        out = net(h, injection, blocks)
+        seen.append((h, out, torch.is_grad_enabled()))
+        return out
+
+    puzzle_rows = model.task_rows(batch)
+    y, z = model.initial_state(1)
+    start = dict(y=decoded(model, y, autocast), z=decoded(model, z, autocast))
+    calls, halt = [], []
+    model.net = recording_net        # an instance attribute over the class's method
+    try:
+        for k in range(1, N + 1):
+            seen.clear()
+            with torch.enable_grad(), autocast:
+                (y_next, z_next), _, q = model(batch["inputs"], puzzle_rows, y, z)
+            state, round_ = {"z": z, "y": y}, 1
+            for h, out, grad in seen:
+                name = next((name for name, s in state.items() if h is s), None)
+                if name is None:
+                    raise SettingsError(f"--html: net call {len(calls) + 1} of this model's recursion updates "
+                                        f"neither y nor z, so the page cannot say what it shows; expected TRM's "
+                                        f"recursion or a variant of it that keeps y and z")
+                state[name] = out
+                calls.append(dict(step=k, round=round_, state=name, grad=grad,
+                                  **decoded(model, out.detach(), autocast)))
+                round_ += name == "y"
+            halt.append(round(torch.sigmoid(model.halt_logit(q.detach()))[0].item(), 6))
+            y, z = y_next, z_next
+    finally:
+        if own is None:
+            del model.net
+        else:
+            model.net = own
+    return dict(start=start, calls=calls, halt=halt)
+
+
+def solve_page(path, model, task, ds, row, N, device, autocast, checkpoint, title=None, extra=None):
+    """Record the solve of row `row` of ds by the model of the file checkpoint and write its page to path, drawn as
+    the task's page_view says (title: in place of the view's; extra: more for the page, ARC's demonstrations and
+    votes), and say so."""
+    solve = recorded_solve(model, to_device(ds, np.array([row]), device, model.reads_demos), N, autocast)
+    view = task.page_view(ds.inputs[row], ds.labels[row])
+    answer = view["answer"]
+    answers = {c["step"]: c["tokens"] for c in solve["calls"] if c["state"] == "y"}     # each step's last y
+    wrong = [None if answer is None else sum(a != 0 and t != a for t, a in zip(answers[k], answer))
+             for k in range(1, N + 1)]
+    cfg = model.cfg
+    data = dict(view, title=title or view["title"], about=f"checkpoint {os.path.basename(checkpoint)}",
+                input=ds.inputs[row].tolist(), **solve, wrong=wrong,
+                stop=next((k for k, p in enumerate(solve["halt"], 1) if p > 0.5), None),
+                config=dict(n=cfg.n, T=cfg.T, N_sup=cfg.N_sup, steps=N, d_model=cfg.d_model,
+                            params=model.num_params(), separate_nets=cfg.separate_nets,
+                            one_step_grad=cfg.one_step_grad, act_continue=cfg.act_continue),
+                **({"arc": extra} if extra else {}))
+    # "<" only occurs inside JSON strings, where \u003c reads the same and cannot close the script element
+    text = PAGE.replace("DATA_JSON", json.dumps(data, separators=(",", ":")).replace("<", "\\u003c"))
+    make_folder(os.path.dirname(os.path.abspath(path)), "--html")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"page: {path} ({len(text.encode()) / 1e3:.0f} kB; open it in a browser)")
+
+
+def arc_solve_pages(html, model, task, solved, N, device, autocast, out, checkpoint):
+    """The pages of an ARC --solve, one per test input: the identity version's trajectory, the demonstrations and
+    every augmented version's vote. Default paths beside the pictures, arc_solve_{task}_{i}.html; with --html
+    PATH, test input i > 0 gets PATH with _i before its extension."""
+    name, arc_task, ds, meta, last = solved
+    for i in range(len(arc_task["test"])):
+        root, ext = os.path.splitext(html)
+        path = (f"{root}_{i}{ext}" if i else html) if html else os.path.join(out, f"arc_solve_{name}_{i}.html")
+        extra = task.page_task(name, arc_task, i, meta, last["preds"], last["halt"])
+        solve_page(path, model, task, ds, task.identity_row(meta, i), N, device, autocast, checkpoint,
+                   f"ARC task {name}, test input {i}", extra)
+
+
+PAGE = r"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>TRM solve</title>
+<style>
+body { font: 14px/1.4 system-ui, sans-serif; color: #222; margin: 16px 24px; max-width: 1080px; }
+h1 { font-size: 20px; margin: 0 0 4px; }
+h2 { font-size: 14px; margin: 10px 0 4px; }
+p { margin: 4px 0; }
+.dim { color: #666; }
+#controls { display: flex; align-items: center; gap: 8px; margin-top: 10px; }
+#controls button { min-width: 44px; }
+#slider { flex: 1; }
+#where { font-family: ui-monospace, monospace; font-size: 13px; white-space: pre-wrap; margin: 4px 0; }
+.row { display: flex; gap: 22px; flex-wrap: wrap; align-items: flex-start; }
+.grid { width: min-content; }
+.note { font-size: 12px; color: #555; max-width: 380px; }
+.pair { display: inline-flex; align-items: center; gap: 4px; margin: 0 14px 8px 0; vertical-align: top; }
+.vote { display: inline-block; margin: 0 14px 8px 0; font-size: 12px; vertical-align: top; }
+.key { display: inline-block; width: 12px; height: 12px; vertical-align: -2px; margin-right: 3px; }
+canvas { display: block; }
+</style>
+</head>
+<body>
+<script>window.addEventListener("error", e => { document.body.dataset.error = e.message; });</script>
+<h1 id="title"></h1>
+<p class="dim" id="about"></p>
+<p>One tiny network is called again and again. In each round it updates the latent <b>z</b> n times from the
+question x and the answer y, <code>z = net(z, x + y)</code>, then the answer <b>y</b> once from z,
+<code>y = net(y, z)</code>; T rounds make a supervision step, after which the Q head says whether to stop.
+Both states are read through the output head after every call: y is the answer; z is where the model reasons,
+and the paper finds that z, read the same way, is no answer. Compare the two panels.</p>
+<div id="task"></div>
+<div id="controls">
+  <button id="back" title="previous net call (left arrow)">&#9664;</button>
+  <button id="play" title="play or pause (space)">play</button>
+  <button id="next" title="next net call (right arrow)">&#9654;</button>
+  <input type="range" id="slider" min="0" value="0" aria-label="net call">
+</div>
+<canvas id="timeline" title="every net call: short bars update z, tall bars update y; pale ones ran without gradient
+in training"></canvas>
+<div id="where"></div>
+<div class="row">
+  <div class="grid"><h2>question x</h2><canvas id="question"></canvas></div>
+  <div class="grid"><h2>y&nbsp;decoded:&nbsp;the&nbsp;answer</h2><canvas id="y"></canvas><p class="note" id="ynote"></p>
+  </div>
+  <div class="grid"><h2>z&nbsp;decoded:&nbsp;the&nbsp;latent</h2><canvas id="z"></canvas><p class="note" id="znote"></p>
+  </div>
+</div>
+<div class="row">
+  <div><h2>after each supervision step</h2><canvas id="chart"></canvas></div>
+  <div class="note"><h2>how to read it</h2>
+    <p>A cell shows the token the output head ranks first; its colour fades to grey as that token's probability
+    falls (stablemax, the probability the training loss scores).</p>
+    <p><span class="key" style="outline: 3px solid #f0a000; outline-offset: -3px"></span>changed since the
+    previous point &nbsp; <span class="key" style="outline: 2px solid #e00000; outline-offset: -2px"></span>differs
+    from the answer &nbsp; <b>bold</b>: a given</p>
+    <p>Timeline: <span class="key" style="background: #8e63c7"></span>z update
+    <span class="key" style="background: #2f6fd6"></span>y update; pale calls ran under torch.no_grad in
+    training, solid ones carry the gradient.</p>
+    <p class="dim">Keys: &larr; &rarr; one net call, &uarr; &darr; one supervision step, Home, End, space plays.</p>
+  </div>
+</div>
+<div id="votes"></div>
+<script id="data" type="application/json">DATA_JSON</script>
+<script>
+"use strict";
+const D = JSON.parse(document.getElementById("data").textContent);
+const C = D.config, CALLS = C.T * (C.n + 1), N = D.halt.length;
+const FOG = [150, 150, 150];          // a cell's colour fades to this grey as its probability falls
+const CELL = Math.max(8, Math.min(32, Math.floor(330 / Math.max(D.rows, D.cols))));
+const $ = id => document.getElementById(id);
+
+// Every point of the slider: the start, then one per net call, with the decodings of y and z current there.
+const points = [{call: null, y: D.start.y, z: D.start.z}];
+for (const c of D.calls) {
+  const last = points[points.length - 1];
+  const same = last.call && last.call.step === c.step && last.call.round === c.round && last.call.state === c.state;
+  c.index = c.state === "z" && same ? last.call.index + 1 : 1;    // which of the round's z updates this is
+  points.push({call: c, y: c.state === "y" ? c : last.y, z: c.state === "z" ? c : last.z});
+}
+let current = 0, timer = null;
+
+function mix(hex, p) {                // hex colour at probability p: all colour at 1, all FOG at 0
+  const rgb = [1, 3, 5].map(i => parseInt(hex.slice(i, i + 2), 16));
+  return "rgb(" + rgb.map((v, i) => Math.round(p * v + (1 - p) * FOG[i])).join(",") + ")";
+}
+
+function frame(ctx, x, y, size, inset, colour, width) {
+  ctx.strokeStyle = colour;
+  ctx.lineWidth = width;
+  ctx.strokeRect(x + inset, y + inset, size - 2 * inset, size - 2 * inset);
+}
+
+function drawGrid(canvas, grid, previous, answer) {
+  canvas.width = D.cols * CELL + 1;
+  canvas.height = D.rows * CELL + 1;
+  const ctx = canvas.getContext("2d");
+  ctx.textAlign = "center";
+  ctx.textBaseline = "middle";
+  let wrong = 0, changed = 0;
+  for (let i = 0; i < D.rows * D.cols; i++) {
+    const x = (i % D.cols) * CELL + 0.5, y = Math.floor(i / D.cols) * CELL + 0.5, t = grid.tokens[i];
+    const [text, colour] = D.tokens[t];
+    const bad = answer && answer[i] !== 0 && t !== answer[i];
+    ctx.fillStyle = mix(colour, grid.confidence[i] / 100);
+    ctx.fillRect(x, y, CELL, CELL);
+    ctx.strokeStyle = "#ccc";
+    ctx.lineWidth = 1;
+    ctx.strokeRect(x, y, CELL, CELL);
+    if (text) {
+      ctx.font = (D.givens[i] ? "bold " : "") + Math.round(CELL * 0.6) + "px system-ui, sans-serif";
+      ctx.fillStyle = bad ? "#d00000" : D.givens[i] ? "#000" : D.ink;
+      ctx.fillText(text, x + CELL / 2, y + CELL / 2 + 1);
+    }
+    if (previous && previous.tokens[i] !== t) { frame(ctx, x, y, CELL, 1.5, "#f0a000", 3); changed++; }
+    if (bad && CELL >= 16) frame(ctx, x, y, CELL, 4, "#e00000", 2);
+    if (bad && CELL < 16) {           // a frame would fill a small cell: a cross, as the maze pictures have
+      ctx.strokeStyle = "#e00000";
+      ctx.lineWidth = 1.5;
+      ctx.beginPath();
+      ctx.moveTo(x + 2, y + 2); ctx.lineTo(x + CELL - 2, y + CELL - 2);
+      ctx.moveTo(x + CELL - 2, y + 2); ctx.lineTo(x + 2, y + CELL - 2);
+      ctx.stroke();
+    }
+    wrong += bad;
+  }
+  if (D.box) {                        // Sudoku's 3x3 boxes
+    ctx.strokeStyle = "#000";
+    ctx.lineWidth = 2;
+    for (let k = 0; k <= D.rows; k += D.box) {
+      ctx.beginPath(); ctx.moveTo(0, k * CELL + 0.5); ctx.lineTo(D.cols * CELL, k * CELL + 0.5); ctx.stroke();
+      ctx.beginPath(); ctx.moveTo(k * CELL + 0.5, 0); ctx.lineTo(k * CELL + 0.5, D.rows * CELL); ctx.stroke();
+    }
+  }
+  const sure = grid.confidence.reduce((a, b) => a + b, 0) / grid.confidence.length;
+  return (answer ? wrong + " of " + answer.filter(a => a !== 0).length + " cells differ from the answer; "
+                 : "the answer is not known; ") + (previous ? changed + " changed; " : "") +
+         "mean probability " + sure.toFixed(0) + "%";
+}
+
+function describe(c) {
+  if (!c) return "start: y = y_init and z = z_init at every position, before the first supervision step\n ";
+  const call = (c.round - 1) * (C.n + 1) + (c.state === "z" ? c.index : C.n + 1);
+  const what = c.state === "z" ? "z = net(z, x + y)   z update " + c.index + " of " + C.n
+                               : "y = net(y, z)       the answer's update";
+  return "supervision step " + c.step + " of " + N + ", round " + c.round + " of " + C.T + ", net call " + call +
+         " of " + CALLS + ":  " + what + "\nin training this call " +
+         (c.grad ? "carries the gradient" : "runs under torch.no_grad (no gradient)");
+}
+
+function drawTimeline(p) {
+  const canvas = $("timeline"), w = Math.max(2, Math.min(12, Math.floor(1000 / points.length)));
+  canvas.width = points.length * w + 8;
+  canvas.height = 34;
+  const ctx = canvas.getContext("2d");
+  points.forEach((pt, i) => {
+    const c = pt.call, x = 4 + i * w;
+    if (c && (i === 1 || points[i - 1].call.step !== c.step)) { ctx.fillStyle = "#000"; ctx.fillRect(x - 1, 0, 1, 26); }
+    if (!c) { ctx.fillStyle = "#999"; ctx.fillRect(x, 8, w - 1, 18); return; }
+    ctx.globalAlpha = c.grad ? 1 : 0.35;
+    ctx.fillStyle = c.state === "z" ? "#8e63c7" : "#2f6fd6";
+    ctx.fillRect(x, c.state === "z" ? 14 : 4, Math.max(1, w - 1), c.state === "z" ? 12 : 22);
+    ctx.globalAlpha = 1;
+  });
+  ctx.fillStyle = "#000";
+  ctx.beginPath();
+  ctx.moveTo(4 + p * w + w / 2, 27); ctx.lineTo(4 + p * w + w / 2 - 5, 34); ctx.lineTo(4 + p * w + w / 2 + 5, 34);
+  ctx.fill();
+  canvas.onclick = e => show(Math.min(points.length - 1, Math.max(0, Math.floor((e.offsetX - 4) / w))));
+}
+
+function drawChart(step) {
+  const canvas = $("chart"), W = 520, H = 210, L = 44, R = 48, T = 22, B = 30;
+  canvas.width = W;
+  canvas.height = H;
+  const ctx = canvas.getContext("2d");
+  const x = k => L + (N === 1 ? 0.5 : (k - 1) / (N - 1)) * (W - L - R), y = v => H - B - v * (H - T - B);
+  const most = Math.max(1, ...D.wrong.map(v => v || 0));
+  ctx.font = "11px system-ui, sans-serif";
+  if (step) { ctx.fillStyle = "#eee"; ctx.fillRect(x(step) - 6, T, 12, H - T - B); }
+  ctx.strokeStyle = "#999";
+  ctx.strokeRect(L, T, W - L - R, H - T - B);
+  ctx.setLineDash([3, 3]);
+  ctx.beginPath(); ctx.moveTo(L, y(0.5)); ctx.lineTo(W - R, y(0.5)); ctx.stroke();
+  if (D.stop) {
+    ctx.strokeStyle = "#1a9850";
+    ctx.beginPath(); ctx.moveTo(x(D.stop), T); ctx.lineTo(x(D.stop), H - B); ctx.stroke();
+  }
+  ctx.setLineDash([]);
+  const line = (values, scale, colour) => {
+    ctx.strokeStyle = ctx.fillStyle = colour;
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    values.forEach((v, i) => i ? ctx.lineTo(x(i + 1), y(v / scale)) : ctx.moveTo(x(1), y(v / scale)));
+    ctx.stroke();
+    values.forEach((v, i) => { ctx.beginPath(); ctx.arc(x(i + 1), y(v / scale), 2.5, 0, 7); ctx.fill(); });
+  };
+  line(D.halt, 1, "#2f6fd6");
+  if (D.answer) line(D.wrong, most, "#d62728");
+  ctx.fillStyle = "#2f6fd6";
+  ctx.textAlign = "right";
+  ctx.fillText("1", L - 4, y(1) + 4); ctx.fillText("0.5", L - 4, y(0.5) + 4); ctx.fillText("0", L - 4, y(0) + 4);
+  ctx.save(); ctx.translate(12, H / 2); ctx.rotate(-Math.PI / 2); ctx.textAlign = "center";
+  ctx.fillText("halting probability", 0, 0); ctx.restore();
+  ctx.fillStyle = "#d62728";
+  ctx.textAlign = "left";
+  ctx.save(); ctx.translate(W - 8, H / 2); ctx.rotate(Math.PI / 2); ctx.textAlign = "center";
+  ctx.fillText(D.answer ? "wrong cells" : "wrong cells: the answer is not known", 0, 0); ctx.restore();
+  if (D.answer) { ctx.fillText(String(most), W - R + 4, y(1) + 4); ctx.fillText("0", W - R + 4, y(0) + 4); }
+  ctx.fillStyle = "#222";
+  ctx.textAlign = "center";
+  for (let k = 1; k <= N; k += Math.ceil(N / 16)) ctx.fillText(String(k), x(k), H - B + 14);
+  ctx.fillText("supervision step", (L + W - R) / 2, H - 4);
+  ctx.fillStyle = "#1a9850";
+  const label = D.stop ? "the Q head would halt here (p > 0.5, as in training)" : "the Q head never reaches 0.5";
+  const half = ctx.measureText(label).width / 2;      // kept inside the plot when the stop is near an end
+  ctx.fillText(label, Math.min(W - R - half, Math.max(L + half, D.stop ? x(D.stop) : (L + W - R) / 2)), T - 8);
+  canvas.onclick = e => {
+    const k = Math.round((e.offsetX - L) / (W - L - R) * (N - 1)) + 1;
+    if (k >= 1 && k <= N) show(k * CALLS);
+  };
+}
+
+function colours(grid, size) {       // an ARC grid (rows of colours 0-9) as a small canvas
+  const canvas = document.createElement("canvas"), h = grid.length, w = grid[0].length;
+  canvas.width = w * size + 1;
+  canvas.height = h * size + 1;
+  const ctx = canvas.getContext("2d");
+  grid.forEach((r, i) => r.forEach((c, j) => {
+    ctx.fillStyle = D.arc.palette[c];
+    ctx.fillRect(j * size + 0.5, i * size + 0.5, size, size);
+    ctx.strokeStyle = "#555";
+    ctx.strokeRect(j * size + 0.5, i * size + 0.5, size, size);
+  }));
+  return canvas;
+}
+
+function drawTask() {                 // ARC: the task's demonstrations, and every augmented version's vote
+  const A = D.arc;
+  const size = g => Math.max(4, Math.min(14, Math.floor(90 / Math.max(g.length, g[0].length))));
+  const add = (parent, tag, text) => {
+    const e = document.createElement(tag);
+    e.textContent = text || "";
+    parent.appendChild(e);
+    return e;
+  };
+  add($("task"), "h2", "the task: its demonstration pairs, then the test input" +
+      (A.truth ? " and its true output" : ""));
+  const pairs = add($("task"), "div");
+  A.demos.concat([[A.test_input, A.truth]]).forEach(([i, o], k) => {
+    const pair = add(pairs, "span");
+    pair.className = "pair";
+    if (k === A.demos.length) add(pair, "b", "test:");
+    pair.appendChild(colours(i, size(i)));
+    add(pair, "span", "\u2192");
+    if (o) pair.appendChild(colours(o, size(o))); else add(pair, "span", "?");
+  });
+  add($("votes"), "h2", "after " + N + " steps, every augmented version votes (" + A.versions + " versions" +
+      (A.unreadable ? ", " + A.unreadable + " with no readable grid" : "") +
+      "); the trajectory above is the identity's");
+  const votes = add($("votes"), "div");
+  A.votes.slice(0, 12).forEach((v, k) => {
+    const cell = add(votes, "span");
+    cell.className = "vote";
+    cell.appendChild(colours(v.grid, size(v.grid)));
+    add(cell, "div", v.votes + (v.votes === 1 ? " vote" : " votes") + (k < 2 ? ", attempt " + (k + 1) : "") +
+        (v.right === null ? "" : v.right ? ", right" : ", wrong"));
+  });
+  if (!A.votes.length) add(votes, "p", "no version produced a readable grid");
+  const rest = A.votes.slice(12);
+  if (rest.length) add(votes, "p", "and " + rest.length + " more candidates with " +
+                       rest.reduce((a, v) => a + v.votes, 0) + " votes between them");
+}
+
+function show(p) {
+  current = Math.max(0, Math.min(points.length - 1, p));
+  const pt = points[current], before = current ? points[current - 1] : null;
+  $("slider").value = current;
+  $("where").textContent = describe(pt.call);
+  $("ynote").textContent = drawGrid($("y"), pt.y, before && before.y, D.answer);
+  $("znote").textContent = drawGrid($("z"), pt.z, before && before.z, D.answer);
+  drawTimeline(current);
+  drawChart(pt.call ? pt.call.step : 0);
+}
+
+function play() {
+  if (timer) { clearInterval(timer); timer = null; $("play").textContent = "play"; return; }
+  if (current === points.length - 1) show(0);
+  $("play").textContent = "pause";
+  timer = setInterval(() => current < points.length - 1 ? show(current + 1) : play(),
+                      Math.max(30, Math.min(250, 15000 / points.length)));
+}
+
+document.title = D.title;
+$("title").textContent = "Watch it think: " + D.title;
+$("about").textContent = D.about + " \u00b7 " + C.params.toLocaleString("en") + " parameters, n " + C.n + ", T " +
+  C.T + ": " + CALLS + " net calls per supervision step, " + N + " steps (trained with N_sup " + C.N_sup + ")" +
+  (C.separate_nets ? " \u00b7 separate f_L and f_H" : "") + (C.one_step_grad ? " \u00b7 HRM's 1-step gradient" : "") +
+  (C.act_continue ? " \u00b7 ACT's continue logit" : "");
+$("slider").max = points.length - 1;
+$("slider").oninput = e => show(Number(e.target.value));
+$("back").onclick = () => show(current - 1);
+$("next").onclick = () => show(current + 1);
+$("play").onclick = play;
+document.addEventListener("keydown", e => {
+  const move = {ArrowLeft: -1, ArrowRight: 1, ArrowUp: -CALLS, ArrowDown: CALLS, PageUp: -CALLS, PageDown: CALLS,
+                Home: -points.length, End: points.length}[e.key];
+  const space = e.key === " " && e.target.tagName !== "BUTTON";   // a focused button takes space itself
+  if (move) show(current + move);
+  if (space) play();
+  if (move || space) e.preventDefault();
+});
+drawGrid($("question"), {tokens: D.input, confidence: D.input.map(() => 100)}, null, null);
+if (D.arc) drawTask();
+const start = location.hash.slice(1);
+show(start === "end" ? points.length - 1 : Number(start) || 0);
+document.body.dataset.ready = "yes";
+document.body.dataset.readyMs = Math.round(performance.now());
+</script>
+</body>
+</html>
+"""
+
+
 # -------------------------------------------------------------------------------------------- command line
 
 def check_out_folder(out, flag="--out"):
@@ -605,8 +1056,13 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="override the test data source (generate, hub, or a path)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     p.add_argument("--out", default=None, help="folder for the table, plot and pictures (default: the checkpoint's)")
-    p.add_argument("--solve", default=None, help="solve one puzzle given as a string (sudoku: 81 characters; arc: "
-                   "an ARC task file, for a model trained with --task-embedding encoder)")
+    p.add_argument("--solve", default=None, help="solve one puzzle given as a string (sudoku: 81 characters; maze: "
+                   "a file or string of '# SG' characters; arc: an ARC task file, for a model trained with "
+                   "--task-embedding encoder, or the id of one of the model's evaluation tasks)")
+    p.add_argument("--html", nargs="?", const="", default=None, metavar="PATH",
+                   help="with --solve: also write a page that steps through the solve net call by net call, at PATH "
+                        "or, when no PATH is given, beside the picture ({task}_solve.html; ARC: one per test input, "
+                        "arc_solve_{id}_{i}.html)")
     p.add_argument("--halt", action="store_true", help="also run with halting: each puzzle stops when its halt "
                    "probability exceeds --halt-threshold; reports accuracy and the mean steps used")
     p.add_argument("--halt-threshold", type=float, default=0.95,
@@ -656,16 +1112,24 @@ def run(args):
     if args.noise < 0 or not math.isfinite(args.noise):
         raise SettingsError(f"--noise is {args.noise}; expected a finite standard deviation of at least 0")
 
-    if args.solve is not None and dcfg.task == "arc":     # ARC: a task file, read by an encoder model
-        return solve_task_file(args.solve, model, dcfg, N, device, autocast, out)
+    if args.html is not None:
+        check_html(args, mcfg)
+    if args.solve is not None and dcfg.task == "arc":     # ARC: a task file, or one of the model's tasks by id
+        solved = solve_task_file(args.solve, model, dcfg, N, device, autocast, out)
+        if args.html is not None:
+            arc_solve_pages(args.html, model, task, solved, N, device, autocast, out, args.checkpoint)
+        return
     if args.solve is not None:
         inputs, labels = task.parse_solve(args.solve, mcfg)
-        res = accuracy_by_step(model, Dataset.ungrouped(inputs, labels, mcfg.vocab_size), N, 1, device, autocast,
-                               keep=range(1, N + 1))
+        ds = Dataset.ungrouped(inputs, labels, mcfg.vocab_size)
+        res = accuracy_by_step(model, ds, N, 1, device, autocast, keep=range(1, N + 1))
         make_folder(out)     # only now: an evaluation that fails or is interrupted leaves no folder
         answers = [r["preds"][0] for r in res]
         print(task.describe_solution(inputs, answers[-1]))
         print(f"picture: {task.draw_steps(inputs, labels, answers, os.path.join(out, f'{dcfg.task}_solve.png'))}")
+        if args.html is not None:
+            solve_page(args.html or os.path.join(out, f"{dcfg.task}_solve.html"), model, task, ds, 0, N, device,
+                       autocast, args.checkpoint)
         return
 
     if dcfg.task == "arc" and dcfg.data != trained["data"] and not model.reads_demos:

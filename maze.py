@@ -529,3 +529,26 @@ def describe_solution(inputs, pred):
 def draw_steps(inputs, labels, steps, path):
     answer = labels[0] if labels[0].any() else None
     return draw(inputs[0], steps[-1], answer=answer, path=path)
+
+
+def unique_shortest_path(question):
+    """The answer tokens [L] of a maze, tokens [L], whose shortest path from S to G is unique, else None: a
+    --solve maze comes without its answer, and only a unique one is the answer."""
+    size = math.isqrt(len(question))
+    start, goal = np.flatnonzero(question == START), np.flatnonzero(question == GOAL)
+    dist, paths = _bfs((question != WALL).reshape(1, size, size), start)
+    if dist.flat[goal[0]] < 0 or paths.flat[goal[0]] != 1:
+        return None
+    on_path = _trace(dist, goal).reshape(-1)
+    return np.where(on_path & (question == OPEN), PATH, question)
+
+
+def page_view(inputs, labels):
+    """How evaluate.py's --html page draws a maze, inputs and labels tokens [L]: each token's colour as in draw()
+    (S and G lettered), and the answer: the labels, else the shortest path when it is unique, else None."""
+    answer = labels if labels.any() else unique_shortest_path(inputs)
+    colours = ["#" + "".join(f"{round(255 * v):02x}" for v in rgb) for rgb in _COLOURS]
+    size = math.isqrt(len(inputs))
+    return dict(title="maze", rows=size, cols=size, box=0, ink="#ffffff", givens=[False] * len(inputs),
+                tokens=[(CHARSET[t - 1] if t in (START, GOAL) else "", c) for t, c in enumerate(colours)],
+                answer=None if answer is None else answer.tolist())

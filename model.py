@@ -67,6 +67,15 @@ def rms_norm(h, eps):
     return (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
 
 
+def stablemax(logits):
+    """The reference's output distribution, s(x) / sum s(x) with s(x) = x + 1 for x >= 0 and 1 / (1 - x) below, in
+    float64: unlike softmax it grows linearly, so large logits stay finite. The training loss scores its log."""
+    x = logits.double()
+    # Clamping keeps the branch torch.where does not pick finite, else its gradient is 0 * inf = NaN at x = 1.
+    s = torch.where(x >= 0, x + 1, 1 / (1 - x.clamp_max(0)))
+    return s / s.sum(-1, keepdim=True)
+
+
 class Linear(nn.Linear):
     def __init__(self, fan_in, fan_out, bias=False):
         super().__init__(fan_in, fan_out, bias=bias)

@@ -484,3 +484,11 @@ def draw_steps(inputs, labels, steps, path):
     answer = labels[0] - 1 if labels[0].any() else None
     return draw(inputs[0] - 1, np.clip(steps[-1] - 1, 0, 9), answer=answer,
                 steps=[np.clip(s - 1, 0, 9) for s in steps], path=path)
+
+
+def page_view(inputs, labels):
+    """How evaluate.py's --html page draws a Sudoku, inputs and labels tokens [81]: each token's text and colour
+    (pad grey, a blank empty), the givens, 3x3 boxes, and the answer when the puzzle has one solution, else None."""
+    return dict(title="Sudoku", rows=9, cols=9, box=3, ink="#1f4fb4", givens=(inputs > 1).tolist(),
+                tokens=[("", "#9e9e9e"), ("", "#ffffff")] + [(str(d), "#ffffff") for d in range(1, 10)],
+                answer=labels.tolist() if labels.any() else None)

@@ -1268,6 +1268,180 @@ def test_pass_at_k_bounds_every_selection_and_breadth_does_not_lower_it():
 
 
 
+# ------------------------------------------------------------------------------- the solve page (--solve --html)
+
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+
+
+def page_data(path):
+    """The JSON a solve page inlines, parsed back out of its HTML."""
+    with open(path, encoding="utf-8") as f:
+        found = re.search(r'<script id="data" type="application/json">(.*?)</script>', f.read(), re.S)
+    return json.loads(found.group(1))
+
+
+def easy_sudoku_row(model):
+    inputs, labels = sudoku.parse_solve(EASY, model.cfg)
+    return data.Dataset.ungrouped(inputs, labels, model.cfg.vocab_size)
+
+
+def read_as_answer(model, h):
+    """What the page must show for a state h [1, P+L, D]: output_head's argmax, and the probability the training
+    loss gives that token (exp of minus its stablemax cross-entropy) in whole percent."""
+    logits = model.output_head(h)[:, model.cfg.puzzle_emb_len:]
+    tokens = logits.argmax(-1)
+    p = torch.exp(-train.stablemax_cross_entropy(logits, tokens, torch.ones_like(tokens, dtype=torch.bool)))
+    return tokens[0].tolist(), (100 * p[0]).round().int().tolist()
+
+
+@pytest.mark.parametrize("variant", [{}, {"separate_nets": True}, {"one_step_grad": True}],
+                         ids=["trm", "separate_nets", "one_step_grad"])
+def test_html_page_data_is_what_the_model_computes(tmp_path, variant):
+    model = tiny_model(**variant).eval()
+    with torch.no_grad():     # a Q head that says different things at different steps
+        torch.nn.init.normal_(model.Q_head.weight, std=0.5)
+        model.Q_head.bias.zero_()
+    n, T, N = model.cfg.n, model.cfg.T, 6
+    ds = easy_sudoku_row(model)
+    evaluate.solve_page(str(tmp_path / "page.html"), model, sudoku, ds, 0, N, torch.device("cpu"), NO_AUTOCAST,
+                        "tiny.pt")
+    page = page_data(tmp_path / "page.html")
+    assert "net" not in vars(model), "the recorder leaves the model as it found it"
+    calls = page["calls"]
+    assert len(calls) == N * T * (n + 1)
+    assert [c["state"] for c in calls] == (["z"] * n + ["y"]) * T * N
+    assert [c["step"] for c in calls] == [k for k in range(1, N + 1) for _ in range(T * (n + 1))]
+    with_grad = T * (n + 1) - 2 if variant.get("one_step_grad") else (T - 1) * (n + 1)
+    assert [c["grad"] for c in calls] == ([False] * with_grad + [True] * (T * (n + 1) - with_grad)) * N
+    # each step's last y decoded is evaluate()'s answer, and the halting probabilities are its own
+    res = evaluate.accuracy_by_step(model, ds, N, 1, torch.device("cpu"), NO_AUTOCAST, keep=range(1, N + 1))
+    last_y = [c for c in calls if c["state"] == "y"][T - 1::T]
+    assert [c["tokens"] for c in last_y] == [r["preds"][0].tolist() for r in res]
+    np.testing.assert_allclose(page["halt"], [r["halt"][0] for r in res], atol=1e-5)
+    assert page["stop"] == next((k for k, r in enumerate(res, 1) if r["halt"][0] > 0.5), None)
+    assert page["wrong"] == [int((r["preds"][0] != ds.labels[0]).sum()) for r in res]
+    # the first round unrolled by hand: z updated n times, then y, each read through output_head
+    batch = data.to_device(ds, np.array([0]), torch.device("cpu"))
+    with torch.no_grad():
+        x = model.embed_input(batch["inputs"], model.task_rows(batch))
+        y, z = model.initial_state(1)
+        assert (page["start"]["y"]["tokens"], page["start"]["y"]["confidence"]) == read_as_answer(model, y)
+        for i in range(n):
+            z = model.f_L(z, x + y)
+            assert (calls[i]["tokens"], calls[i]["confidence"]) == read_as_answer(model, z), f"z update {i + 1}"
+        y = model.f_H(y, z)
+        assert (calls[n]["tokens"], calls[n]["confidence"]) == read_as_answer(model, y), "y update"
+    assert page["input"] == ds.inputs[0].tolist() and page["answer"] == ds.labels[0].tolist()
+
+
+@pytest.mark.slow
+def test_html_refuses_a_model_without_y_and_z_and_a_page_without_a_solve(workdir, capsys):
+    run_train("--max-steps", "1", "--latents", "single", "--out", "html_bad")
+    ckpt = train.checkpoints_in("html_bad")[-1]
+    expect_error(capsys, evaluate.main, ["--checkpoint", ckpt, "--solve", EASY, "--html"],
+                 "--latents single keeps no such pair")
+    expect_error(capsys, evaluate.main, ["--checkpoint", ckpt, "--html"], "expected --solve too")
+    expect_error(capsys, evaluate.main, ["--checkpoint", ckpt, "--solve", EASY, "--html", "html_bad"],
+                 "--html html_bad is a folder")
+
+
+@pytest.mark.slow
+def test_evaluate_solve_html_writes_a_sudoku_page_beside_the_picture_or_where_asked(workdir, capsys):
+    run_train("--max-steps", "2", "--out", "html_ev")
+    ckpt = train.checkpoints_in("html_ev")[-1]
+    evaluate.main(["--checkpoint", ckpt, "--solve", EASY, "--html"])
+    assert "html_ev/sudoku_solve.html" in capsys.readouterr().out
+    assert os.path.getsize("html_ev/sudoku_solve.png") > 1000 and os.path.getsize("html_ev/sudoku_solve.html") < 2e6
+    evaluate.main(["--checkpoint", ckpt, "--solve", EASY, "--html", "pages/easy.html"])
+    page = page_data("pages/easy.html")
+    _, mcfg = train.resolve_config(train.parse_args(TINY))
+    assert len(page["calls"]) == mcfg.N_sup * mcfg.T * (mcfg.n + 1) and page["givens"][:3] == [True, True, False]
+    assert page["title"] == "Sudoku" and len(page["halt"]) == len(page["wrong"]) == mcfg.N_sup
+
+
+def test_maze_page_answer_is_the_unique_shortest_path():
+    q, a, _ = maze.generate(6, size=8, seed=1)
+    for question, answer in zip(q, a):
+        assert np.array_equal(maze.unique_shortest_path(question), answer)
+        assert maze.page_view(question, np.zeros_like(question))["answer"] == answer.tolist()
+    two_ways = maze.encode("S  " "   " "  G", 3)[0]         # every corner-to-corner path is shortest
+    assert maze.unique_shortest_path(two_ways) is None
+    walled = maze.encode("S# " "## " "  G", 3)[0]
+    assert maze.unique_shortest_path(walled) is None
+
+
+@pytest.fixture(scope="module")
+def arc_page(workdir):
+    """An id model of the tiny ARC folder and the page of one of its evaluation tasks: (checkpoint, page path)."""
+    write_arc_folder("arcfolder")
+    train.main(ARC_TINY + ["--out", "arc_html", "--overwrite"])
+    ckpt = train.checkpoints_in("arc_html")[-1]
+    evaluate.main(["--checkpoint", ckpt, "--solve", "eval_transpose", "--html", "arc_html/page.html"])
+    return ckpt, "arc_html/page.html"
+
+
+@pytest.mark.slow
+def test_html_page_of_an_arc_id_models_own_task_follows_the_identity_and_shows_the_vote(arc_page, capsys):
+    ckpt, path = arc_page
+    page = page_data(path)
+    task = arc.load_directory("arcfolder/evaluation")["eval_transpose"]
+    assert page["arc"]["demos"] == [[i.tolist(), o.tolist()] for i, o in task["train"]]
+    assert page["arc"]["test_input"] == task["test"][0][0].tolist()
+    assert page["arc"]["truth"] == task["test"][0][1].tolist()
+    votes = [v["votes"] for v in page["arc"]["votes"]]
+    assert votes == sorted(votes, reverse=True) and sum(votes) + page["arc"]["unreadable"] == page["arc"]["versions"]
+    # the trajectory is the identity version's: its input and evaluate()'s answer for that row
+    model, dcfg, _ = evaluate.load_for_eval(ckpt)
+    mcfg = model.cfg
+    _, ds, meta = arc.own_task(dcfg, "eval_transpose")
+    row = arc.identity_row(meta, 0)
+    assert page["input"] == arc.grid_to_tokens(task["test"][0][0], size=5).tolist() == ds.inputs[row].tolist()
+    res = evaluate.accuracy_by_step(model, ds, mcfg.N_sup, 64, torch.device("cpu"), NO_AUTOCAST, keep=(mcfg.N_sup,))
+    assert [c for c in page["calls"] if c["state"] == "y"][-1]["tokens"] == res[-1]["preds"][row].tolist()
+    expect_error(capsys, evaluate.main, ["--checkpoint", ckpt, "--solve", "eval_nothing", "--html"],
+                 "--solve 'eval_nothing' is neither an ARC task file nor one of this model's 2 evaluation tasks")
+
+
+def load_in_chromium(path, tmp_path, at=""):
+    """The DOM of a page after headless Chromium ran its scripts."""
+    run = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom",
+                          f"file://{os.path.abspath(path)}{at}"], capture_output=True, text=True, timeout=120)
+    return run.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here to load the page in")
+def test_html_pages_load_in_a_real_browser_without_a_script_error(arc_page, tmp_path):
+    model = tiny_model()
+    evaluate.solve_page(str(tmp_path / "sudoku.html"), model, sudoku, easy_sudoku_row(model), 0, 3,
+                        torch.device("cpu"), NO_AUTOCAST, "tiny.pt")
+    mazes = maze.generate(1, size=8, seed=2)[0]
+    evaluate.solve_page(str(tmp_path / "maze.html"), tiny_model(vocab_size=6, seq_len=64), maze,
+                        data.Dataset.ungrouped(mazes, np.zeros_like(mazes), 6), 0, 2, torch.device("cpu"),
+                        NO_AUTOCAST, "tiny.pt")
+    for path in (tmp_path / "sudoku.html", tmp_path / "maze.html", arc_page[1]):
+        page = page_data(path)
+        dom = load_in_chromium(path, tmp_path, "#end")
+        assert 'data-ready="yes"' in dom and "data-error" not in dom, f"{path}: {dom[-400:]}"
+        steps, calls = len(page["halt"]), page["config"]["T"] * (page["config"]["n"] + 1)
+        assert f"supervision step {steps} of {steps}, round {page['config']['T']}" in dom
+        labelled = sum(a != 0 for a in page["answer"])
+        assert f"{page['wrong'][-1]} of {labelled} cells differ from the answer" in dom, "the y panel at the end"
+        assert f"net call {calls} of {calls}" in dom
+    assert "every augmented version votes" in load_in_chromium(arc_page[1], tmp_path)
+    # the keys move as the page says: Home, one supervision step down, one net call right
+    keys = "".join(f'document.dispatchEvent(new KeyboardEvent("keydown", {{key: "{k}"}}));'
+                   for k in ("Home", "ArrowDown", "ArrowRight"))
+    with open(tmp_path / "sudoku.html", encoding="utf-8") as f:
+        text = f.read().replace("</body>", f"<script>{keys}</script></body>")
+    with open(tmp_path / "keys.html", "w", encoding="utf-8") as f:
+        f.write(text)
+    dom = load_in_chromium(tmp_path / "keys.html", tmp_path)
+    assert "supervision step 2 of 3, round 1 of 3, net call 1 of 9:  z = net(z, x + y)" in dom
+
+
 # ----------------------------------------------- whole runs: train.py and evaluate.py as a user runs them (slow)
 
 @pytest.mark.slow

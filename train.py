@@ -45,7 +45,7 @@ import torch.nn.functional as F
 import evaluate
 from data import (TASKS, ArgumentParser, Batches, DataConfig, DataError, SettingsError, format_time,
                   one_sentence_on_failure, rows_per_epoch, shown)
-from model import TRM, TRMConfig, flops_per_sample
+from model import TRM, TRMConfig, flops_per_sample, stablemax
 
 
 class StopTraining(Exception):
@@ -55,12 +55,8 @@ class StopTraining(Exception):
 # ---------------------------------------------------------------------------------------------- loss
 
 def stablemax_cross_entropy(logits, labels, mask):
-    """-log(s(x_label) / sum s(x)) with s(x) = x + 1 for x >= 0, 1 / (1 - x) for x < 0, in float64 as the
-    reference: unlike softmax it grows linearly, so large logits stay finite. Per token [B, L]."""
-    x = logits.double()
-    # Clamping keeps the branch torch.where does not pick finite, else its gradient is 0 * inf = NaN at x = 1.
-    s = torch.where(x >= 0, x + 1, 1 / (1 - x.clamp_max(0)))
-    logp = torch.log(s / s.sum(-1, keepdim=True))
+    """-log of the label's stablemax probability (model.stablemax, in float64 as the reference), per token [B, L]."""
+    logp = torch.log(stablemax(logits))
     picked = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return -torch.where(mask, picked, 0)
 
