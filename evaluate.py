@@ -13,10 +13,12 @@ A checkpoint is read as the plain dict train.py saved (or a reference state_dict
 train.py; train.py calls `during_training` for its periodic evaluations.
 """
 import dataclasses
+import hashlib
 import importlib
 import json
 import math
 import os
+import pickle
 import signal
 import time
 
@@ -24,19 +26,24 @@ import numpy as np
 import torch
 
 import arc
-from data import (ArgumentParser, Dataset, DataConfig, DataError, Progress, SettingsError, count_rows,
+from data import (TASKS, ArgumentParser, Dataset, DataConfig, DataError, Progress, SettingsError, count_rows,
                   one_sentence_on_failure, shown, to_device)
-from model import TRM, TRMConfig, from_reference_state_dict, stablemax
+from model import TRM, TRMConfig, from_reference_state_dict, reference_name, stablemax
 
 
 # ---------------------------------------------------------------------------------- reading a trained model
 
 def config_from(cls, values, source):
-    """cls(**values) for settings read from a file (a checkpoint), with a field this version does not know or a
-    value of the wrong type as one sentence naming source."""
+    """cls(**values) for settings read from a file (a checkpoint): a field missing, one this version does not know, or
+    a value of the wrong type is one sentence naming source. None of the defaults is filled in: a model trained
+    with n 1 must never be evaluated as n 6."""
     fields = {f.name: type(f.default) for f in dataclasses.fields(cls)}
     if not isinstance(values, dict):
         raise DataError(f"{source} holds no {cls.__name__} settings (a dict expected)")
+    missing = [name for name in fields if name not in values]
+    if missing:
+        raise DataError(f"{source} lacks the setting {missing[0]} of {cls.__name__} ({len(missing)} missing); "
+                        f"expected every setting, as train.py saves them")
     for name, value in values.items():
         want = fields.get(name)
         if want is None:
@@ -49,73 +56,159 @@ def config_from(cls, values, source):
 
 
 def read_torch_file(path):
-    """torch.load of a checkpoint file, with a missing or unreadable file as one sentence."""
+    """A checkpoint file's contents, loaded as tensors and plain values only (weights_only): a file that would run
+    code when unpickled is refused, not run. A missing, unreadable or unsafe file is one sentence."""
     if not os.path.isfile(path):
         raise DataError(f"checkpoint {path} is a folder; expected a checkpoint file" if os.path.isdir(path) else
                         f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):      # weights_only refused a callable
+            raise DataError(f"checkpoint {path} holds objects other than tensors and plain values, which loading "
+                            f"could run as code, so it was not loaded; expected a checkpoint saved by train.py or a "
+                            f"state_dict of tensors") from None
         raise DataError(f"checkpoint {path} could not be read ({type(e).__name__}); "
                         f"it is truncated or not a checkpoint") from None
 
 
+def checksum(value):
+    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes and every plain value, in order.
+    train.py writes it into each checkpoint and read_checkpoint compares, so a file damaged on disk after it was
+    saved is refused (torch's zip reader does not check its own CRCs)."""
+    digest = hashlib.sha256()
+
+    def add(v):
+        if torch.is_tensor(v):
+            t = v.detach().cpu().contiguous()
+            digest.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(v, dict):
+            digest.update(f"dict {len(v)};".encode())
+            for k, item in v.items():
+                add(k)
+                add(item)
+        elif isinstance(v, (list, tuple)):
+            digest.update(f"{type(v).__name__} {len(v)};".encode())
+            for item in v:
+                add(item)
+        else:
+            digest.update(f"{type(v).__name__} {v!r};".encode())
+
+    add(value)
+    return digest.hexdigest()
+
+
 def read_checkpoint(path, state=None):
     """One of train.py's checkpoints as the dict it saved (state: its contents when already read), checked for what
-    every reader needs: the weights, finite, and the model's and the data's settings, of known names and types."""
+    every reader needs: intact on disk (its checksum), the weights finite and of the model's names and shapes,
+    the model's and the data's settings complete, of known names, types and task."""
     state = read_torch_file(path) if state is None else state
     if not isinstance(state, dict) or not {"model", "ema", "model_config", "train_config"} <= state.keys():
         raise DataError(f"{path} is not a checkpoint of this project (model, ema, model_config and train_config "
                         f"expected)")
+    if "checksum" not in state:
+        print(f"note: checkpoint {path} has no checksum (an older version saved it), so damage on disk since then "
+              f"cannot be detected")
+    elif state["checksum"] != checksum({k: v for k, v in state.items() if k != "checksum"}):
+        raise DataError(f"checkpoint {path} is damaged: its contents no longer match the checksum saved with them; "
+                        f"expected an intact copy")
     config_from(TRMConfig, state["model_config"], f"checkpoint {path}")
     if not isinstance(state["train_config"], dict):
         raise DataError(f"checkpoint {path} holds no training settings (a dict expected)")
-    config_from(DataConfig, DataConfig.of(state["train_config"]).__dict__, f"checkpoint {path}")
+    dcfg = config_from(DataConfig, DataConfig.of(state["train_config"]).__dict__, f"checkpoint {path}")
+    if dcfg.task not in TASKS:
+        raise DataError(f"checkpoint {path} has the task {shown(dcfg.task)}; expected one of {', '.join(TASKS)}")
     for part in ("model", "ema"):
-        bad = next((k for k, v in state[part].items() if torch.is_tensor(v) and v.is_floating_point()
-                    and not torch.isfinite(v).all()), None)
-        if bad:
-            raise DataError(f"checkpoint {path} has non-finite {part} weights ({bad}); expected a checkpoint "
-                            f"saved before training diverged")
+        if not isinstance(state[part], dict) or not all(torch.is_tensor(v) for v in state[part].values()):
+            raise DataError(f"checkpoint {path} has {part} weights that are not a dict of tensors")
+        check_finite(state[part], f"checkpoint {path}", f"{part} weights")
     return state
 
 
-def load_weights(module, state_dict, path):
-    """module.load_state_dict, with weights whose names or shapes were edited as one sentence naming path."""
+def tensors_in(value, name):
+    """(name, tensor) for every tensor in nested dicts and lists, named by its path (optimizer.state.3.exp_avg)."""
+    if torch.is_tensor(value):
+        yield name, value
+    elif isinstance(value, (dict, list, tuple)):
+        for k, item in value.items() if isinstance(value, dict) else enumerate(value):
+            yield from tensors_in(item, f"{name}.{k}")
+
+
+def check_finite(tensors, source, what):
+    """Refuse NaN or inf among a dict of tensors: a model that would evaluate to 0% and say nothing of why."""
+    bad = next((k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad:
+        raise DataError(f"{source} has non-finite {what} ({bad}); expected a checkpoint saved before training "
+                        f"diverged")
+
+
+def load_weights(module, state_dict, path, what="its own model config"):
+    """module.load_state_dict, with weights whose names or shapes do not fit as one sentence naming path."""
     try:
         module.load_state_dict(state_dict)
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
-        raise DataError(f"checkpoint {path} does not fit its own model config: {shown(first, 200)}") from None
+        raise DataError(f"checkpoint {path} does not fit {what}: {shown(first, 200)}") from None
 
 
-def reference_config(sd, task):
+def reference_config(sd, task, path):
     """A TRMConfig for a reference checkpoint, read off its tensor shapes; n and T are the paper's for the task."""
+    needed = ("embed_tokens.weight", "puzzle_emb", "blocks.0.mlp.gate_up.weight")
+    if any(k not in sd for k in needed):
+        raise DataError(f"reference checkpoint {path} lacks {next(k for k in needed if k not in sd)} (ours; its "
+                        f"name there is inner.*); expected a whole state_dict saved by the reference code")
     V, D = sd["embed_tokens.weight"].shape
     n_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     mlp_t = "blocks.0.token_mlp.gate_up.weight" in sd
-    seq_len = {"sudoku": 81, "maze": 900, "arc": 900}[task]
+    seq_len = importlib.import_module(task).shape(DataConfig.of(reference_settings(task)))[1]
     return TRMConfig(vocab_size=V, seq_len=seq_len, d_model=D, n_layers=n_layers, mlp_t=mlp_t, rope=not mlp_t,
                      num_puzzle_ids=sd["puzzle_emb"].shape[0], n=6 if task == "sudoku" else 4, T=3, N_sup=16)
 
 
+def reference_settings(task):
+    """What a reference checkpoint was trained on: the task's paper preset, whose test set it is evaluated on."""
+    return {"task": task, **importlib.import_module(task).PRESETS["paper"]}
+
+
 def load_for_eval(path, task=None):
-    """Our checkpoint (its EMA weights) or a reference state_dict. Returns (model, data settings, the train_config
-    dict as saved: a reference state_dict's is the task's paper preset)."""
+    """Our checkpoint (its EMA weights) or a reference state_dict (task: which task it was trained on, sudoku when
+    None). Returns (model, data settings, the train_config dict as saved: a reference state_dict's is the task's
+    paper preset). The model must read the data its settings build: a checkpoint edited into another task, or a
+    reference state_dict given the wrong --task, is one sentence."""
     raw = read_torch_file(path)
-    if isinstance(raw, dict) and any(k.removeprefix("_orig_mod.").startswith("inner.") for k in raw):
+    if isinstance(raw, dict) and any(str(k).removeprefix("_orig_mod.").startswith("inner.") for k in raw):
         task = task or "sudoku"
-        sd = from_reference_state_dict(raw)
-        mcfg = reference_config(sd, task)
-        train_config = {"task": task, **importlib.import_module(task).PRESETS["paper"]}      # the paper's test set
+        if not all(torch.is_tensor(v) for v in raw.values()):
+            raise DataError(f"reference checkpoint {path} holds values that are not tensors; expected a state_dict")
+        try:
+            sd = from_reference_state_dict(raw)
+        except KeyError as e:
+            raise DataError(f"reference checkpoint {path} has the key {shown(e.args[0], 80)}, which no weight of "
+                            f"this model matches; expected a state_dict saved by the reference code") from None
+        check_finite(sd, f"reference checkpoint {path}", "weights")
+        mcfg, train_config = reference_config(sd, task, path), reference_settings(task)
+        fits = "the reference model its shapes describe"
     else:
         state = read_checkpoint(path, raw)
         mcfg, train_config = TRMConfig(**state["model_config"]), state["train_config"]
         sd = {**state["model"], **state["ema"]}   # EMA parameters, the live puzzle-embedding buffer
-        sd["puzzle_emb"] = state["model"]["puzzle_emb"]
+        sd["puzzle_emb"] = state["model"].get("puzzle_emb")
+        fits = "its own model config"
+    dcfg = DataConfig.of(train_config)
+    data_shape, model_shape = importlib.import_module(dcfg.task).shape(dcfg), (mcfg.vocab_size, mcfg.seq_len)
+    if data_shape != model_shape:
+        raise DataError(f"checkpoint {path} holds a model of {model_shape[1]} tokens over {model_shape[0]} symbols, "
+                        f"but {dcfg.task} data of its settings has {data_shape[1]} over {data_shape[0]}; expected "
+                        + ("the --task it was trained on" if fits != "its own model config" else
+                           "the settings it was saved with"))
     model = TRM(mcfg)
-    load_weights(model, sd, path)
-    return model.eval(), DataConfig.of(train_config), train_config
+    missing = [k for k in model.state_dict() if k not in sd]
+    if missing and fits != "its own model config":
+        raise DataError(f"reference checkpoint {path} lacks {reference_name(missing[0])} ({len(missing)} missing); "
+                        f"expected a whole state_dict saved by the reference code")
+    load_weights(model, sd, path, fits)
+    return model.eval(), dcfg, train_config
 
 
 # ---------------------------------------------------------------------------------------- the test rows
@@ -481,12 +574,39 @@ def plot(results, path, title):
     return save_figure(fig, ax, title, path)
 
 
+def read_metrics(path):
+    """The records of a run's metrics.jsonl, in order. A damaged line (a full disk can leave half a line) or a record
+    without its step and kind is skipped with a note, so one bad line never hides the rest of a run's history."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not sound(record):
+                print(f"note: {path} line {number} is damaged and was skipped")
+                continue
+            records.append(record)
+    return records
+
+
+def sound(record):
+    """Whether a metrics record holds what its readers need: a training line's losses and halting figures, an
+    evaluation's accuracy after each step."""
+    if not (isinstance(record, dict) and type(record.get("step")) is int):
+        return False
+    if record.get("kind") == "train":
+        return all(k in record for k in ("lm_loss", "exact", "mean_halt_steps"))
+    per_step = record.get("per_step") if record.get("kind") == "eval" else None
+    return isinstance(per_step, list) and bool(per_step) and all(isinstance(r, dict) and "exact" in r for r in per_step)
+
+
 def plot_curves(metrics, path, title):
     """curves.png beside metrics.jsonl, redrawn at every evaluation so a learner can watch a run without other
     tools: training loss, training exact and mean halting steps (of the puzzles that halted), held-out exact."""
     from matplotlib.figure import Figure   # a bare Figure draws with Agg and leaves pyplot's state alone
-    with open(metrics) as f:
-        records = [json.loads(line) for line in f]
+    records = read_metrics(metrics)
     train = [r for r in records if r.get("kind") == "train"]
     held = [dict(step=r["step"], exact=r["per_step"][-1]["exact"]) for r in records if r.get("kind") == "eval"]
     fig = Figure(figsize=(13, 3.2))
@@ -518,8 +638,7 @@ def plot_runs(folders, out):
         path = os.path.join(folder, "metrics.jsonl")
         if not os.path.isfile(path):
             raise DataError(f"{folder} holds no metrics.jsonl; expected a training run's output folder")
-        with open(path) as f:
-            evals = [r for r in map(json.loads, f) if r.get("kind") == "eval" and "train_seconds" in r]
+        evals = [r for r in read_metrics(path) if r["kind"] == "eval" and "train_seconds" in r]
         lines.append((os.path.basename(os.path.normpath(folder)), evals))
     make_folder(out)
     fig = Figure(figsize=(6.5, 4.2))

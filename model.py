@@ -410,17 +410,27 @@ REFERENCE_LAYER_NAMES = {
 }
 
 
+def reference_name(name):
+    """Our state_dict name as the reference's: the inverse of from_reference_state_dict's renaming."""
+    ours_to_ref = {v: k for k, v in REFERENCE_NAMES.items()}
+    if name in ours_to_ref:
+        return ours_to_ref[name]
+    _, i, rest = name.split(".", 2)      # blocks, i, rest
+    return f"inner.L_level.layers.{i}." + {v: k for k, v in REFERENCE_LAYER_NAMES.items()}[rest]
+
+
 def from_reference_state_dict(ref):
-    """Rename a state_dict saved by the reference code (torch.compile's `_orig_mod.` prefix allowed) to ours."""
+    """Rename a state_dict saved by the reference code (torch.compile's `_orig_mod.` prefix allowed) to ours; a key
+    with no counterpart here raises KeyError(key)."""
     out = {}
-    for key, value in ref.items():
-        key = key.removeprefix("_orig_mod.")
+    for original, value in ref.items():
+        key = original.removeprefix("_orig_mod.")
         if key in REFERENCE_NAMES:
             out[REFERENCE_NAMES[key]] = value
             continue
         parts = key.split(".", 4)       # inner, L_level, layers, i, rest
-        if parts[:3] == ["inner", "L_level", "layers"] and parts[4] in REFERENCE_LAYER_NAMES:
+        if parts[:3] == ["inner", "L_level", "layers"] and len(parts) == 5 and parts[4] in REFERENCE_LAYER_NAMES:
             out[f"blocks.{parts[3]}.{REFERENCE_LAYER_NAMES[parts[4]]}"] = value
             continue
-        raise KeyError(f"reference checkpoint key {key!r} has no counterpart in this model")
+        raise KeyError(original)
     return out

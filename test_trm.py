@@ -484,22 +484,24 @@ def reference_layout(cfg):
     return out
 
 
+def as_reference(model):
+    """model's weights under the reference's names, with torch.compile's prefix, as the reference's checkpoints hold
+    them: each reference name gets our tensor that from_reference_state_dict maps it to."""
+    ours = model.state_dict()
+    return {"_orig_mod." + name: ours[trm.from_reference_state_dict({name: None}).popitem()[0]].clone()
+            for name in reference_layout(model.cfg)}
+
+
 @pytest.mark.parametrize("mlp_t", [True, False])
 def test_reference_state_dict_loads_and_computes_the_same(mlp_t, tmp_path):
     ours = trm.TRM(trm.TRMConfig(mlp_t=mlp_t, rope=not mlp_t))
     layout = reference_layout(ours.cfg)
-    ours_sd = ours.state_dict()
-    # Build a reference-style state_dict: each reference name gets our tensor of the same shape, then
-    # it must come back under the right name.
-    by_shape_name = {}
     renamed = trm.from_reference_state_dict({k: torch.empty(s) for k, s in layout.items()})
-    assert set(renamed) == set(ours_sd), "the renaming does not cover our state_dict exactly"
-    for name, shape in layout.items():
-        target = trm.from_reference_state_dict({name: torch.empty(0)}).popitem()[0]
-        assert tuple(ours_sd[target].shape) == shape, f"{name} -> {target} has shape {tuple(ours_sd[target].shape)}"
-        by_shape_name["_orig_mod." + name] = ours_sd[target].clone()
+    assert set(renamed) == set(ours.state_dict()), "the renaming does not cover our state_dict exactly"
+    reference = as_reference(ours)
+    assert {k.removeprefix("_orig_mod."): tuple(v.shape) for k, v in reference.items()} == layout
     path = tmp_path / "reference.pt"
-    torch.save(by_shape_name, path)
+    torch.save(reference, path)
     loaded, _, _ = evaluate.load_for_eval(str(path), task="sudoku")
     mcfg = loaded.cfg
     assert mcfg.mlp_t == mlp_t and mcfg.seq_len == 81 and (mcfg.n, mcfg.T) == (6, 3)
@@ -1687,10 +1689,20 @@ def test_used_output_folder_is_not_clobbered(workdir, capsys):
     assert open(train.checkpoints_in("used")[-1], "rb").read() == before
 
 
-def edited_checkpoint(good, path, edit):
-    state = torch.load(good, weights_only=False)
+def edited_checkpoint(good, path, edit, checksum=True):
+    """A copy of the checkpoint good, edited, with its checksum made to match (so the check under test is the one
+    that refuses it), or with the checksum it had."""
+    state = torch.load(good, weights_only=True)
     edit(state)
+    if checksum and "checksum" in state:
+        state["checksum"] = evaluate.checksum({k: v for k, v in state.items() if k != "checksum"})
     torch.save(state, path)
+
+
+class RunsCode:
+    """Pickled, it calls a function when unpickled: what a checkpoint from a stranger could hold."""
+    def __reduce__(self):
+        return os.system, (f"touch {os.path.abspath('code_ran')}",)
 
 
 @pytest.fixture(scope="module")
@@ -1708,6 +1720,23 @@ def damaged(workdir):
     edited_checkpoint(good, "renamed_weight.pt", lambda s: s["model"].update(extra=s["model"].pop("output_head.weight")))
     edited_checkpoint(good, "bad_optimizer.pt", lambda s: s.update(optimizer={"state": {}, "param_groups": []}))
     edited_checkpoint(good, "nan_weights.pt", lambda s: s["ema"]["output_head.weight"].fill_(float("nan")))
+    edited_checkpoint(good, "no_ema.pt", lambda s: s.pop("ema"))
+    edited_checkpoint(good, "unknown_task.pt", lambda s: s["train_config"].update(task="chess"))
+    edited_checkpoint(good, "other_task.pt", lambda s: s["train_config"].update(task="maze"))
+    edited_checkpoint(good, "missing_setting.pt", lambda s: s["model_config"].pop("n"))
+    edited_checkpoint(good, "negative_step.pt", lambda s: s.update(step=-5))
+    edited_checkpoint(good, "nan_moments.pt", lambda s: s["optimizer"]["state"][0]["exp_avg"].fill_(float("nan")))
+    edited_checkpoint(good, "unchecked.pt", lambda s: s.pop("checksum"))
+    edited_checkpoint(good, "stale_checksum.pt", lambda s: s["model_config"].update(n=2), checksum=False)
+    state = torch.load(good, weights_only=True)
+    weights = state["model"]["output_head.weight"].numpy().tobytes()
+    at = blob.find(weights) + len(weights) // 2           # a bit flipped on disk inside one tensor's data
+    open("flipped.pt", "wb").write(blob[:at] + bytes([blob[at] ^ 4]) + blob[at + 1:])
+    torch.save({"model": RunsCode()}, "runs_code.pt")
+    reference = as_reference(trm.TRM(trm.TRMConfig()))
+    torch.save({k: v for k, v in reference.items() if "lm_head" not in k}, "ref_missing.pt")
+    torch.save({**reference, "_orig_mod.inner.extra.weight": torch.zeros(2)}, "ref_extra.pt")
+    torch.save({k: v.fill_(float("nan")) if "q_head.weight" in k else v for k, v in reference.items()}, "ref_nan.pt")
     run_train("--max-steps", "2", "--out", "other")
     return good
 
@@ -1774,6 +1803,13 @@ BAD_COMMAND_LINES = [
     (["--resume", "nan_weights.pt", "--max-steps", "3"], "checkpoint nan_weights.pt has non-finite ema weights"),
     (["--resume", "good"], "checkpoint good is a folder; expected a checkpoint file"),
     (["--d-model", "4000000"], "error: out of memory ("),
+    (["--resume", "runs_code.pt"], "checkpoint runs_code.pt holds objects other than tensors and plain values, which "
+                                   "loading could run as code, so it was not loaded"),
+    (["--resume", "flipped.pt"], "checkpoint flipped.pt is damaged: its contents no longer match the checksum"),
+    (["--resume", "stale_checksum.pt"], "checkpoint stale_checksum.pt is damaged"),
+    (["--resume", "negative_step.pt"], "has no step and data position a run can go on from (step '-5')"),
+    (["--resume", "missing_setting.pt"], "checkpoint missing_setting.pt lacks the setting n of TRMConfig"),
+    (["--resume", "nan_moments.pt"], "checkpoint nan_moments.pt has non-finite optimizer (optimizer.state.0.exp_avg)"),
 ]
 
 
@@ -1800,12 +1836,41 @@ BAD_EVALUATIONS = [
     (["--checkpoint", "good"], "checkpoint good is a folder; expected a checkpoint file"),
     (["--checkpoint", "GOOD", "--limit", "-1"], "--limit is -1; expected a whole number of at least 0"),
     (["--checkpoint", "GOOD", "--dtype", "float16"], "error: argument --dtype: invalid choice: 'float16'"),
+    (["--checkpoint", "runs_code.pt"], "checkpoint runs_code.pt holds objects other than tensors and plain values"),
+    (["--checkpoint", "flipped.pt"], "checkpoint flipped.pt is damaged: its contents no longer match the checksum"),
+    (["--checkpoint", "no_ema.pt"], "no_ema.pt is not a checkpoint of this project (model, ema, model_config"),
+    (["--checkpoint", "unknown_task.pt"], "checkpoint unknown_task.pt has the task 'chess'; expected one of sudoku"),
+    (["--checkpoint", "other_task.pt"], "holds a model of 81 tokens over 11 symbols, but maze data of its settings "
+                                        "has 900 over 6; expected the settings it was saved with"),
+    (["--checkpoint", "missing_setting.pt"], "checkpoint missing_setting.pt lacks the setting n of TRMConfig"),
+    (["--checkpoint", "ref_missing.pt"], "reference checkpoint ref_missing.pt lacks inner.lm_head.weight (1 missing)"),
+    (["--checkpoint", "ref_extra.pt"], "reference checkpoint ref_extra.pt has the key '_orig_mod.inner.extra.weight'"),
+    (["--checkpoint", "ref_nan.pt"], "reference checkpoint ref_nan.pt has non-finite weights (Q_head.weight)"),
+    (["--checkpoint", "ref_missing.pt", "--task", "maze"], "holds a model of 900 tokens over 11 symbols, but maze"),
 ]
 
 
 @pytest.mark.parametrize("args,message", BAD_EVALUATIONS, ids=[" ".join(a)[:40] for a, _ in BAD_EVALUATIONS])
 def test_bad_evaluations_fail_with_one_sentence(damaged, capsys, args, message):
     expect_error(capsys, evaluate.main, [damaged if a == "GOOD" else a for a in args], message.replace("GOOD", damaged))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_by_both_commands_and_runs_nothing(damaged, capsys):
+    for entry, argv in ((evaluate.main, ["--checkpoint", "runs_code.pt"]),
+                        (train.main, TINY + ["--resume", "runs_code.pt", "--out", "code"])):
+        expect_error(capsys, entry, argv, "holds objects other than tensors and plain values")
+    assert not os.path.exists("code_ran"), "unpickling the file ran its command"
+
+
+def test_a_checkpoint_without_a_checksum_loads_with_a_note_and_pruning_drops_a_damaged_one(damaged, capsys):
+    model, _, _ = evaluate.load_for_eval("unchecked.pt")
+    assert "has no checksum (an older version saved it)" in capsys.readouterr().out
+    assert torch.equal(model.output_head.weight, torch.load(damaged, weights_only=True)["ema"]["output_head.weight"])
+    os.makedirs("pruned", exist_ok=True)
+    shutil.copy(damaged, "pruned/ckpt_00000001.pt")
+    shutil.copy("flipped.pt", "pruned/ckpt_00000002.pt")      # newer, and damaged only inside a tensor
+    train.prune_checkpoints("pruned", 2, set())
+    assert os.listdir("pruned") == ["ckpt_00000001.pt"]
 
 
 def arc_task(grid):
@@ -1905,6 +1970,50 @@ def test_weights_made_non_finite_stop_the_run_and_the_checkpoint_stays_finite(wo
                  "checkpoint, overflow/ckpt_00000001.pt, is intact", unchanged=False)
     state = train.load_checkpoint(train.checkpoints_in("overflow")[-1])
     assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def train_records(out):
+    return [r["step"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["kind"] == "train"]
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(workdir, capsys, monkeypatch):
+    run_train("--max-steps", "4", "--checkpoint-interval", "2", "--log-interval", "0", "--out", "kept")
+    before = {p: open(p, "rb").read() for p in glob.glob("kept/*")}
+    poison_step(monkeypatch, 3)           # the new run fails at its third step, before any checkpoint of its own
+    expect_error(capsys, train.main, TINY + ["--max-steps", "6", "--log-interval", "0", "--out", "kept",
+                                             "--overwrite"], "step 3 has a non-finite loss", unchanged=False)
+    assert {p: open(p, "rb").read() for p in glob.glob("kept/*")} == before, "the old run lost a file"
+    monkeypatch.undo()
+    run_train("--max-steps", "3", "--checkpoint-interval", "2", "--log-interval", "0", "--out", "kept", "--overwrite")
+    assert train_records("kept") == [1, 2, 3] and [os.path.basename(p) for p in train.checkpoints_in("kept")] == \
+        ["ckpt_00000002.pt", "ckpt_00000003.pt"], "the old run's records or checkpoints outlived it"
+
+
+@pytest.mark.slow
+def test_metrics_after_sigkill_and_resume_are_each_steps_once_and_a_damaged_line_is_skipped(workdir, capsys):
+    proc = start_train(["--max-steps", "8", "--checkpoint-interval", "3", "--log-interval", "0", "--out", "history"],
+                       workdir)
+    wait_for(os.path.join("history", "ckpt_00000003.pt"), proc)
+    while len(train_records("history")) < 5:          # steps 4 and 5 logged, then killed: the checkpoint is step 3
+        assert proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with open("history/metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 6, "lm_lo')                  # a line cut off by a full disk
+    run_train("--max-steps", "8", "--log-interval", "0", "--resume", "auto", "--out", "history")
+    out = capsys.readouterr().out
+    assert "history/metrics.jsonl line" in out and "is damaged and was skipped" in out
+    assert train_records("history") == [1, 2, 3, 4, 5, 6, 7, 8]
+    evaluate.main(["--runs", "history", "--out", "history_runs"])
+    assert os.path.exists("history_runs/runs_time_to_accuracy.png")
+
+
+def test_a_training_line_with_no_halted_puzzle_has_no_exact_accuracy_not_zero(workdir, capsys):
+    run_train("--max-steps", "1", "--log-interval", "0", "--out", "nothing_halted")     # N_sup 2: none halts at step 1
+    record = json.loads(open("nothing_halted/metrics.jsonl").readline())
+    assert record["step"] == 1 and record["exact"] is None and record["mean_halt_steps"] is None
+    assert "none halted yet" in capsys.readouterr().out
 
 
 def test_a_damaged_newest_checkpoint_never_outlives_the_good_one(workdir, capsys):
@@ -2016,7 +2125,7 @@ def test_a_second_run_into_a_used_folder_is_refused_and_a_dead_runs_lock_is_take
     run_train("--max-steps", "2", "--out", "shared", "--overwrite", "--log-interval", "0")
     out = capsys.readouterr().out
     assert f"took over shared/run.lock: process {proc.pid} that held it is gone" in out
-    assert "--overwrite: removed the 1 files of the previous run in shared" in out
+    assert "removed the 1 files of the run this one replaces in shared, now that it has a checkpoint" in out
     records = [json.loads(line) for line in open("shared/metrics.jsonl")]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]       # none of the killed run's
     assert sorted(os.listdir("shared")) == ["ckpt_00000002.pt", "curves.png", "metrics.jsonl"]

@@ -277,8 +277,6 @@ def train(tcfg, mcfg, resume_state=None):
             run.stop_if_weights_nonfinite(result, lr)
             run.step += 1
             run.carry = result.carry
-            if run.folder:                             # --overwrite: the old run goes once a step has worked
-                run.folder.drop_replaced()
             run.log_step(result.stats, lr, depth)
             if run.due(tcfg.eval_interval):
                 run.evaluate()
@@ -302,8 +300,8 @@ def train(tcfg, mcfg, resume_state=None):
 
 @dataclass
 class TrainConfig(DataConfig):
-    """The run's settings, each a --flag: the data's (data.DataConfig), then these. The defaults, with model.TRMConfig's,
-    are the reference's Sudoku-Extreme run; a task's presets state what differs."""
+    """The run's settings, each a --flag: the data's (data.DataConfig), then these. The defaults, with
+    model.TRMConfig's, are the reference's Sudoku-Extreme run; a task's presets state what differs."""
     preset: str = "auto"                 # paper on CUDA, cpu otherwise; hrm, hrm-paper: HRM at their scales
     preset_note: str = ""                # not a flag: why this preset (chosen, or this machine's default), for the log
     out: str = ""                        # default out/{task}-{preset}
@@ -384,7 +382,8 @@ def parse_args(argv, description=None):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=unset,
                            help=f"{notes.get(f.name, '')} (default {f.default})")
         else:
-            p.add_argument(flag, type=type(f.default), default=unset, help=f"{notes.get(f.name, '')} (default {f.default})")
+            p.add_argument(flag, type=type(f.default), default=unset,
+                           help=f"{notes.get(f.name, '')} (default {f.default})")
     p.add_argument("--n-sup", dest="N_sup", type=int, default=unset, help="supervision steps (default 16)")
     return vars(p.parse_args(argv))
 
@@ -748,7 +747,7 @@ class Run:
                 raise SettingsError(f"checkpoint {tcfg.resume} is at step {run.step} of a {total_steps}-step "
                                     f"run, so nothing is left to train; expected a larger --max-steps")
         if ranks.main:        # last: a run that fails its checks leaves no folder behind
-            run.folder = OutputFolder(tcfg, log)
+            run.folder = OutputFolder(tcfg, log, run.step)
         run.t0 = run.last_log = time.time()
         run.start_step = run.step
         return run
@@ -790,17 +789,19 @@ class Run:
         if quiet or not self.ranks.main:
             return
         s = {k: float(v) for k, v in self.sums.items()}
-        halted, per_sample = max(s["halted"], 1), self.steps_logged * B
+        halted, per_sample = s["halted"], self.steps_logged * B
         rate = (self.step - self.start_step) * B / (now - self.t0)
         eta = (self.total_steps - self.step) * B / max(rate, 1e-9)
+        # exact and steps are of the puzzles that halted since the last line: none halted is no data, not 0
         r = dict(step=self.step, epoch=self.batches.epochs_done, lm_loss=s["lm_loss"] / per_sample,
-                 halt_loss=s["halt_loss"] / per_sample, exact=s["exact"] / halted,
-                 mean_halt_steps=s["steps"] / halted, samples_per_s=rate, lr=lr, elapsed=now - self.t0,
-                 train_seconds=self.train_seconds(now), n=depth[0], T=depth[1], N_sup=depth[2])
+                 halt_loss=s["halt_loss"] / per_sample, exact=s["exact"] / halted if halted else None,
+                 mean_halt_steps=s["steps"] / halted if halted else None, samples_per_s=rate, lr=lr,
+                 elapsed=now - self.t0, train_seconds=self.train_seconds(now), n=depth[0], T=depth[1], N_sup=depth[2])
         shown_depth = "" if self.tcfg.depth_schedule == "fixed" else "n {} T {} N_sup {} | ".format(*depth)
+        halting = (f"exact {r['exact']:.1%} steps {r['mean_halt_steps']:.1f}" if halted else
+                   "none halted yet")
         self.log(f"step {self.step}/{self.total_steps} epoch {r['epoch']:.1f} | loss {r['lm_loss']:.4f} "
-                 f"halt {r['halt_loss']:.4f} | exact {r['exact']:.1%} steps {r['mean_halt_steps']:.1f} | "
-                 f"{shown_depth}"
+                 f"halt {r['halt_loss']:.4f} | {halting} | {shown_depth}"
                  f"{rate:,.{1 if rate < 10 else 0}f} samples/s | lr {lr:.2e} | ETA {format_time(eta)}"
                  + (f" | {self.skipped} non-finite steps skipped" if self.skipped else ""), kind="train", **r)
         self.sums, self.steps_logged, self.last_log = None, 0, now
@@ -813,18 +814,21 @@ class Run:
         """The EMA weights on the held-out puzzles (evaluate.during_training); the log and curves.png redrawn."""
         t = time.time()
         res, line, scores = evaluate.during_training(self.task, self.tcfg, self.ema_model, self.test_ds, self.device,
-                                                     self.autocast, self.ranks, self.tcfg.batch_size // self.ranks.world,
+                                                     self.autocast, self.ranks,
+                                                     self.tcfg.batch_size // self.ranks.world,
                                                      self.tcfg.eval_limit or None)
         if self.ranks.main:
             self.eval_seconds += time.time() - t
             self.log(f"eval step {self.step}: {line}", kind="eval", step=self.step, per_step=res,
                      train_seconds=self.train_seconds(time.time()), **scores)
-            evaluate.plot_curves(self.log.path, os.path.join(self.tcfg.out, "curves.png"),
-                                 f"{self.tcfg.task}/{self.tcfg.preset}")
+            if self.log.held is None:     # else metrics.jsonl is still the replaced run's
+                evaluate.plot_curves(self.log.path, os.path.join(self.tcfg.out, "curves.png"),
+                                     f"{self.tcfg.task}/{self.tcfg.preset}")
         return res
 
     def save(self):
-        """A checkpoint (training_state); the newest two are kept. Every rank takes part."""
+        """A checkpoint (training_state); the newest two are kept. Every rank takes part. The first one ends the
+        files of a run this one replaces (OutputFolder.drop_replaced)."""
         state = training_state(self)
         if state is None:
             return None
@@ -833,20 +837,33 @@ class Run:
 
 
 class Logger:
-    """Prints a line and appends its record, if any, to metrics.jsonl; ranks other than 0 say nothing."""
+    """Prints a line and appends its record, if any, to metrics.jsonl; ranks other than 0 say nothing. While a run
+    replaces another's files, its records wait in memory (`held`) until its first checkpoint is on disk."""
 
     def __init__(self, out, quiet=False):
         # opened at the first record, so that a run that fails before its first step leaves no empty file
         self.path = os.path.join(out, "metrics.jsonl") if out else None
-        self.file, self.quiet = None, quiet
+        self.file, self.quiet, self.held = None, quiet, None
 
     def __call__(self, line, **record):
         if not self.quiet:
             print(line, flush=True)
         if self.path and record:
-            self.file = self.file or open(self.path, "a")
-            self.file.write(json.dumps(null_for_nan(record)) + "\n")
-            self.file.flush()
+            self.write(json.dumps(null_for_nan(record)))
+
+    def write(self, line):
+        if self.held is not None:
+            self.held.append(line)
+            return
+        self.file = self.file or open(self.path, "a")
+        self.file.write(line + "\n")
+        self.file.flush()
+
+    def release(self):
+        """Write the records held back, once the files they would have mixed with are gone."""
+        held, self.held = self.held or [], None
+        for line in held:
+            self.write(line)
 
 
 def null_for_nan(value):
@@ -868,11 +885,12 @@ def training_state(run):
     carry = {k: run.ranks.gather(v).cpu() for k, v in run.carry.items()}
     if not run.ranks.main:
         return None
-    return dict(model=run.model.state_dict(), ema=run.ema_model.state_dict(), optimizer=run.optimizer.state_dict(),
-                step=run.step, batches=run.batches.state_dict(), train_config=dataclasses.asdict(run.tcfg),
-                model_config=dataclasses.asdict(run.mcfg), carry=carry,
-                rng=dict(torch=torch.get_rng_state(),
-                         cuda=torch.cuda.get_rng_state() if run.device.type == "cuda" else None))
+    state = dict(model=run.model.state_dict(), ema=run.ema_model.state_dict(), optimizer=run.optimizer.state_dict(),
+                 step=run.step, batches=run.batches.state_dict(), train_config=dataclasses.asdict(run.tcfg),
+                 model_config=dataclasses.asdict(run.mcfg), carry=carry,
+                 rng=dict(torch=torch.get_rng_state(),
+                          cuda=torch.cuda.get_rng_state() if run.device.type == "cuda" else None))
+    return dict(state, checksum=evaluate.checksum(state))      # verified on every load: damage on disk is caught
 
 
 def restore_training(run, state):
@@ -915,7 +933,8 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
-    """One of our checkpoints, to resume: evaluate.read_checkpoint's checks, and its training settings too."""
+    """One of our checkpoints, to resume: evaluate.read_checkpoint's checks, its training settings, and a step, data
+    position and optimizer state a run can go on from."""
     state = evaluate.read_checkpoint(path)
     tcfg = evaluate.config_from(TrainConfig, state["train_config"], f"checkpoint {path}")
     mcfg = evaluate.config_from(TRMConfig, state["model_config"], f"checkpoint {path}")
@@ -923,6 +942,13 @@ def load_checkpoint(path):
         check_config(tcfg, mcfg)
     except SettingsError as e:
         raise DataError(f"checkpoint {path} holds settings that cannot work: {e}") from None
+    batches = state.get("batches")
+    if not (type(state.get("step")) is int and state["step"] >= 0 and isinstance(batches, dict)
+            and all(type(batches.get(k)) is int and batches[k] >= 0 for k in ("epoch", "pos"))):
+        raise DataError(f"checkpoint {path} has no step and data position a run can go on from (step "
+                        f"{shown(state.get('step'))}); expected whole numbers of at least 0, as train.py saves them")
+    for part in ("optimizer", "carry"):
+        evaluate.check_finite(dict(evaluate.tensors_in(state.get(part), part)), f"checkpoint {path}", part)
     return state
 
 
@@ -1012,10 +1038,12 @@ def lock_folder(out):
 class OutputFolder:
     """A training run's --out, claimed by one process: made if absent and locked (`lock_folder`), checked again
     under the lock (`check_out_use`), cleared of the .tmp a killed run left. `save` writes a checkpoint and keeps
-    the newest two that load. With --overwrite the old run's files are noted and go in `drop_replaced`, once the
-    new run has made a step. Leaving releases the lock, and the folder too if the run wrote nothing there."""
+    the newest two that load. metrics.jsonl stays the run's true history: a resumed run first drops the records
+    after its checkpoint's step; a new run never appends to another's records, and the files of a run it replaces
+    (--overwrite, or the metrics of one that saved no checkpoint) go only once its own first checkpoint is on disk,
+    its records held back until then. Leaving releases the lock, and the folder too if the run wrote nothing."""
 
-    def __init__(self, tcfg, log):
+    def __init__(self, tcfg, log, step):
         self.out, self.log, self.good = tcfg.out, log, {tcfg.resume} if tcfg.resume else set()
         self.made = evaluate.make_folder(self.out)
         self.lock, note = lock_folder(self.out)
@@ -1029,20 +1057,43 @@ class OutputFolder:
         for tmp in glob.glob(os.path.join(self.out, "ckpt_*.pt.tmp")):
             os.remove(tmp)
             log(f"removed {tmp}, a checkpoint whose writing was cut off")
-        old = checkpoints_in(self.out) + [os.path.join(self.out, f) for f in ("metrics.jsonl", "curves.png")]
-        self.replaced = [p for p in old if os.path.exists(p)] if tcfg.overwrite else []
-
-    def drop_replaced(self):
-        for path in self.replaced:
-            os.remove(path)
+        metrics = os.path.join(self.out, "metrics.jsonl")
+        old = checkpoints_in(self.out) + [metrics, os.path.join(self.out, "curves.png")]
+        self.replaced = [] if tcfg.resume else [p for p in old if os.path.exists(p)]
         if self.replaced:
-            self.log(f"--overwrite: removed the {len(self.replaced)} files of the previous run in {self.out}")
+            log.held = []
+        if tcfg.resume and os.path.exists(metrics):
+            self.cut_history(metrics, step)
+
+    def cut_history(self, metrics, step):
+        """Keep the records up to the checkpoint's step: the ones after it were made by steps this run repeats."""
+        records = evaluate.read_metrics(metrics)
+        kept = [r for r in records if r["step"] <= step]
+        with open(metrics) as f:
+            if len(kept) == sum(1 for _ in f):
+                return
+        with open(metrics + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(metrics + ".tmp", metrics)
+        self.log(f"metrics.jsonl: kept the {len(kept)} records up to step {step}, the checkpoint's; the "
+                 f"{len(records) - len(kept)} after it (and any damaged line) belonged to steps run again now")
+
+    def drop_replaced(self, kept):
+        """The replaced run's files, all but the path kept (this run's first checkpoint may have its name)."""
+        for path in self.replaced:
+            if path != kept and os.path.exists(path):
+                os.remove(path)
+        self.log(f"removed the {len(self.replaced)} files of the run this one replaces in {self.out}, now that it "
+                 f"has a checkpoint of its own")
         self.replaced = []
+        self.log.release()
 
     def save(self, state, step):
         path = os.path.join(self.out, f"ckpt_{step:08d}.pt")
         save_checkpoint(path, state)
         self.good.add(path)
+        if self.replaced:
+            self.drop_replaced(path)
         prune_checkpoints(self.out, 2, self.good)
         return path
 
