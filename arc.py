@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data import Dataset, DataError, SettingsError, dihedral, inverse_dihedral, permute_tokens, shown
+from data import Dataset, DataError, Progress, SettingsError, dihedral, inverse_dihedral, permute_tokens, shown
 
 SIZE = 30          # canvas side: ARC grids are at most 30x30 (a smaller canvas, --size, suits small tasks on a CPU)
 EOS = 1            # the end marker; 0 is pad
@@ -367,7 +367,9 @@ def build(tasks_train, tasks_eval, num_aug, seed=0, size=SIZE, unseen=False):
                         "expected at least one task whose test inputs form the test set")
     rng = np.random.default_rng(seed)
     plans = []  # (canvases, shapes, ks, perms, training pairs, test pairs or None)
+    progress = Progress("augmenting ARC tasks", len(tasks_train) + len(tasks_eval))
     for task_id, task in list(tasks_train.items()) + list(tasks_eval.items()):
+        progress(len(plans))
         h, w = max((g.shape for pair in task["train"] + task["test"] for g in pair if g is not None), key=max)
         if max(h, w) > size:
             raise DataError(f"task {task_id} has a {h}x{w} grid, which does not fit the {size}x{size} canvas; "
@@ -391,7 +393,9 @@ def build(tasks_train, tasks_eval, num_aug, seed=0, size=SIZE, unseen=False):
                 id_task=[np.zeros(1, np.int64)], id_k=[np.zeros(1, np.uint8)],
                 id_perm=[np.arange(10, dtype=np.uint8)[None]])
     next_id = 1
+    progress = Progress("writing ARC rows", len(plans))
     for t, (canvases, shapes, ks, perms, pairs, tests, demos) in enumerate(plans):
+        progress(t)
         ids = np.arange(next_id, next_id + len(ks), dtype=np.int32)
         next_id += len(ks)
         demo["canvases"][t, :, :len(demos)] = canvases[:, demos].reshape(8, len(demos), 2, -1)
@@ -827,8 +831,10 @@ def synthetic_tasks(train_count, heldout_count, seed=0, size=10, demos=3):
     train = [(name, sample_until(f"{name} parameters outside the held-out ones", lambda: FAMILIES[name][0](rng),
                          lambda p: p not in pools[name])) for name in train]
     splits, task_params = ({}, {}), {}
+    progress = Progress("drawing synthetic tasks", len(train) + len(held))
     for split, jobs in enumerate((train, held)):
         for i, (name, params) in enumerate(jobs):
+            progress(len(task_params))
             task_id = f"{name}-{i + (split == 0) * heldout_count:04d}"   # held-out ids do not depend on train_count
             rng = np.random.default_rng([seed, 2 + split, i])
             splits[split][task_id] = make_task(name, params, rng, size, demos)
@@ -867,6 +873,11 @@ PRESETS = {
                       max_steps=9000, eval_interval=1500, eval_limit=120, checkpoint_interval=1500, dtype="float32",
                       compile="on", task_embedding="encoder"),
 }
+
+
+# The task's own data settings (train.py refuses another task's), and those read only when puzzles are generated.
+SETTINGS = ("size", "extra")
+GENERATOR_SETTINGS = ()
 
 
 def shape(dcfg):

@@ -88,9 +88,10 @@ def format_time(seconds):
 
 class Progress:
     """Prints "what: done/total, rate, ETA" at most every `every` seconds, so that long work is never silent."""
+    every = 5.0
 
-    def __init__(self, what, total, every=5.0):
-        self.what, self.total, self.every, self.start = what, total, every, time.time()
+    def __init__(self, what, total):
+        self.what, self.total, self.start = what, total, time.time()
         self.last = self.start
 
     def __call__(self, done):
@@ -325,12 +326,52 @@ def hub_csv(name, split, path, cache_dir, url, read_csv):
     return read_csv(file)
 
 
+def held_out_splits(dcfg, name, load, generate):
+    """{"train": (questions, answers, source), "test": ...} from --data: a local CSV folder (train.csv, test.csv) or
+    file, "hub", "generate", or "auto" (the real set from the cache or hub, else generated puzzles, saying so). The
+    test split is held out by construction: a single CSV file serves both splits split apart (a seeded draw of
+    --test-puzzles rows is held out, a tenth when that is 0 = all, and training takes the rest), and a test puzzle
+    whose question is also a training puzzle's is removed with a note. A count below a split's size takes a
+    seeded random subset, as the reference samples its 1000 training puzzles."""
+    if os.path.isfile(dcfg.data):
+        q, a = load("train", dcfg.data)
+        test_count = dcfg.test_puzzles or max(1, len(q) // 10)
+        if test_count >= len(q):
+            raise DataError(f"--data {dcfg.data} holds {len(q)} puzzles, too few to hold out {test_count} and train "
+                            f"on the rest; expected a smaller --test-puzzles or a folder with train.csv and test.csv")
+        order = np.random.default_rng(dcfg.data_seed).permutation(len(q))
+        test, train = np.sort(order[:test_count]), np.sort(order[test_count:])
+        print(f"--data {dcfg.data} serves both splits: {test_count} of its {len(q)} puzzles, drawn with --data-seed "
+              f"{dcfg.data_seed}, are held out for testing and the other {len(train)} are for training")
+        splits = {"train": subset(q[train], a[train], dcfg.train_puzzles, dcfg.data_seed) + (dcfg.data,),
+                  "test": (q[test], a[test], dcfg.data)}
+    else:
+        splits = {split: real_or_generated(dcfg, split, name, load, generate) for split in ("train", "test")}
+    q, a, source = splits["test"]
+    trained = {row.tobytes() for row in splits["train"][0]}
+    again = np.array([row.tobytes() in trained for row in q], bool)
+    if again.all():
+        raise DataError(f"every one of the {len(q)} held-out puzzles of {source} is also a training puzzle; expected "
+                        f"test puzzles the model does not train on")
+    if again.any():
+        print(f"removed {again.sum()} of the {len(q)} held-out puzzles of {source} whose question is also a training "
+              f"puzzle's, so that the held-out set is held out")
+        splits["test"] = (q[~again], a[~again], source)
+    return splits
+
+
+def subset(q, a, count, seed):
+    """A seeded random subset of count puzzles, in their order (all of them when count is 0 or more than there are)."""
+    if not count or count >= len(q):
+        return q, a
+    keep = np.sort(np.random.default_rng(seed).choice(len(q), count, replace=False))
+    return q[keep], a[keep]
+
+
 def real_or_generated(dcfg, split, name, load, generate):
-    """(inputs, answers, source) of a split from --data: a local CSV path, "hub", "generate", or "auto" (the
-    real set from the cache or hub, else generated puzzles, saying so). A puzzle count below the file's size
-    takes a seeded random subset, as the reference samples its 1000 training puzzles."""
+    """(inputs, answers, source) of one split from a CSV folder, the hub or the generator (held_out_splits)."""
     count = dcfg.train_puzzles if split == "train" else dcfg.test_puzzles
-    if dcfg.data in ("hub", "auto") or os.path.exists(dcfg.data):
+    if dcfg.data in ("hub", "auto") or os.path.isdir(dcfg.data):
         try:
             q, a = load(split, None if dcfg.data in ("hub", "auto") else dcfg.data)
         except DataError as e:
@@ -338,12 +379,13 @@ def real_or_generated(dcfg, split, name, load, generate):
                 raise
             print(f"{name} is not available ({e}); using generated puzzles instead")
         else:
-            if count and count < len(q):
-                keep = np.sort(np.random.default_rng(dcfg.data_seed).choice(len(q), count, replace=False))
-                q, a = q[keep], a[keep]
-            return q, a, name
+            return (*subset(q, a, count, dcfg.data_seed), dcfg.data if os.path.isdir(dcfg.data) else name)
+    elif os.path.exists(dcfg.data):
+        raise DataError(f"--data {shown(dcfg.data, 200)} is neither a regular file nor a folder; expected a CSV file "
+                        f"or a folder with train.csv and test.csv")
     elif dcfg.data != "generate":
-        raise DataError(f"--data {dcfg.data!r} is neither generate, hub, auto nor an existing CSV file or folder")
+        raise DataError(f"--data {shown(dcfg.data, 200)} is neither generate, hub, auto nor an existing CSV file or "
+                        f"folder")
     # Different seeds keep the held-out puzzles apart from the training puzzles.
     q, a = generate(count or 1000, seed=dcfg.data_seed * 2 + (split == "test"))
     return q, a, "generated"

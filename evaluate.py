@@ -1118,6 +1118,9 @@ document.body.dataset.readyMs = Math.round(performance.now());
 
 def check_out_folder(out, flag="--out"):
     """Fail before anything is written unless out is a folder, or can be made as one."""
+    if len(os.fsencode(out)) >= 4096 or any(len(os.fsencode(part)) > 255 for part in out.split(os.sep)):
+        raise SettingsError(f"{flag} {shown(out, 60)} is too long a path for this file system (a name of at most 255 "
+                            f"bytes, 4095 in all); expected a shorter one")
     if os.path.exists(out) and not os.path.isdir(out):
         raise SettingsError(f"{flag} {out} is a file; expected a folder")
     parent = out
@@ -1130,23 +1133,31 @@ def check_out_folder(out, flag="--out"):
 
 
 def make_folder(out, flag="--out"):
-    """os.makedirs, with a refusal (a read-only place, say) as one sentence. Returns whether it made out."""
-    made = not os.path.isdir(out)
+    """os.makedirs, with a refusal (a read-only place, say) as one sentence and the folders it had made removed.
+    Returns whether it made out."""
+    made, path = [], os.path.abspath(out)
+    while not os.path.exists(path):
+        made.append(path)           # deepest first
+        path = os.path.dirname(path)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
+        for path in made:
+            if os.path.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
         raise SettingsError(f"{flag} {out} cannot be made ({e.strerror})") from None
-    return made
+    return bool(made)
 
 
 def positive_ints(text, flag):
-    """--steps and --breadth: one whole number or a comma-separated list of them, sorted."""
+    """--steps and --breadth: one whole number or a comma-separated list of them, sorted, each at most 4096 (a typo
+    must not start an evaluation that cannot finish; the paper's N_sup is 16)."""
     try:
         values = sorted({int(v) for v in text.split(",")})
     except ValueError:
         values = []
-    if not values or values[0] < 1:
-        raise SettingsError(f"{flag} {text!r}: expected a positive whole number or a list such as 8,16,32")
+    if not values or values[0] < 1 or values[-1] > 4096:
+        raise SettingsError(f"{flag} {shown(text)}: expected a whole number from 1 to 4096 or a list such as 8,16,32")
     return values
 
 
@@ -1198,17 +1209,48 @@ def main(argv=None):
                    help="the selection drawn in the picture and named best (all are printed)")
     g.add_argument("--seed", type=int, default=0, help="seed of the start states and the noise")
     args = p.parse_args(argv)
+    given = {name for name, value in vars(args).items() if value != p.get_default(name)}
     signal.signal(signal.SIGTERM, signal.default_int_handler)   # SIGTERM ends like Ctrl-C: one line, exit 130
-    one_sentence_on_failure(lambda: run(args), "--batch-size, --breadth or --steps")
+    one_sentence_on_failure(lambda: run(args, given), "--batch-size, --breadth or --steps")
 
 
-def run(args):
+def check_flags(args, given):
+    """Every flag in range, and none that would do nothing in this combination (each refusal says why)."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
     if args.runs:
-        return print("plot: {} and {}".format(*plot_runs(args.runs.split(","), args.out or ".")))
+        extra = sorted(given - {"runs", "out"})
+        if extra:
+            raise SettingsError(f"{flag(extra[0])} would do nothing with --runs, which draws training runs from their "
+                                f"metrics.jsonl")
+        return
     if not args.checkpoint:
         raise SettingsError("--checkpoint CKPT is needed (or --runs to compare training runs)")
+    only = [(("breadth", "halt", "halt_threshold", "limit", "data", "batch_size", "init", "noise", "noise_y",
+              "select", "seed"), args.solve is None, "--solve solves the one puzzle given"),
+            (("init", "noise", "noise_y", "select", "seed"), args.breadth is not None,
+             "it shapes the trajectories of --breadth, which is not asked for"),
+            (("halt_threshold",), args.halt, "it sets when --halt stops a puzzle, and --halt is not given")]
+    for names, used, why in only:
+        name = next((name for name in names if name in given), None)
+        if name and not used:
+            raise SettingsError(f"{flag(name)} would do nothing here: {why}")
+    if not 0 < args.halt_threshold < 1:
+        raise SettingsError(f"--halt-threshold is {args.halt_threshold}; expected a probability between 0 and 1")
+    for name, value, least, most in (("limit", args.limit, 0, 10 ** 9), ("seed", args.seed, 0, 2 ** 63 - 1),
+                                     ("batch_size", 1 if args.batch_size is None else args.batch_size, 1, 1 << 20)):
+        if not least <= value <= most:
+            raise SettingsError(f"{flag(name)} is {value}; expected a whole number from {least} to {most:,}")
+    if args.noise < 0 or not math.isfinite(args.noise):
+        raise SettingsError(f"--noise is {args.noise}; expected a finite standard deviation of at least 0")
+
+
+def run(args, given):
+    check_flags(args, given)
+    if args.runs:
+        return print("plot: {} and {}".format(*plot_runs(args.runs.split(","), args.out or ".")))
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-    check_out_folder(out)
+    check_out_folder(out, "--out" if args.out else "the checkpoint's folder (the default --out)")
     model, dcfg, trained = load_for_eval(args.checkpoint, args.task)
     if args.task and args.task != dcfg.task:
         raise SettingsError(f"--task {args.task}: checkpoint {args.checkpoint} was trained on {dcfg.task}")
@@ -1220,16 +1262,8 @@ def run(args):
     steps = [mcfg.N_sup] if args.steps is None else positive_ints(args.steps, "--steps")
     args.breadth = args.breadth and positive_ints(args.breadth, "--breadth")
     N = steps[-1]
-    if not 0 < args.halt_threshold < 1:
-        raise SettingsError(f"--halt-threshold is {args.halt_threshold}; expected a probability between 0 and 1")
-    for flag, value, least in (("--limit", args.limit, 0), ("--batch-size", args.batch_size or 1, 1),
-                               ("--seed", args.seed, 0)):
-        if value < least:
-            raise SettingsError(f"{flag} is {value}; expected a whole number of at least {least}")
     if len(steps) > 1 and args.breadth is None:
         raise SettingsError(f"--steps {args.steps} is a list, and a list of steps needs --breadth (e.g. --breadth 1)")
-    if args.noise < 0 or not math.isfinite(args.noise):
-        raise SettingsError(f"--noise is {args.noise}; expected a finite standard deviation of at least 0")
 
     if args.html is not None:
         check_html(args, mcfg)
@@ -1255,7 +1289,16 @@ def run(args):
         raise SettingsError(f"--data {dcfg.data}: this model was trained on {trained['data']} with puzzle ids, which "
                             f"exist only for the tasks it trained on; expected a model trained with --task-embedding "
                             f"encoder to attempt other tasks")
-    _, test_ds = task.build_datasets(dcfg, splits=("test",))
+    try:
+        _, test_ds = task.build_datasets(dcfg, splits=("test",))
+    except (DataError, SettingsError) as err:
+        if args.data:
+            raise
+        raise DataError(f"{err} (the data settings are those checkpoint {args.checkpoint} was trained with; --data "
+                        f"reads the test puzzles from elsewhere)") from None
+    if not model.reads_demos and test_ds.num_puzzle_ids > mcfg.num_puzzle_ids:
+        raise DataError(f"the test puzzles of checkpoint {args.checkpoint}'s settings have {test_ds.num_puzzle_ids} "
+                        f"puzzle ids and its model {mcfg.num_puzzle_ids}; expected the settings it was saved with")
     if args.breadth is not None:
         return run_breadth(args, model, dcfg, task, test_ds, steps, device, autocast, out)
     report(args, model, dcfg, task, test_ds, N, device, autocast, out)

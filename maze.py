@@ -8,13 +8,14 @@ Path lengths count cells, S and G included (S next to G is a path of 2); ratings
 the same convention.
 """
 import csv
+import functools
 import math
 import os
 
 import numpy as np
 
-from data import (PAD, Dataset, DataError, SettingsError, cached_splits, dihedral, hub_csv, real_or_generated,
-                  shown, source_key)
+from data import (PAD, Dataset, DataError, Progress, SettingsError, cached_splits, dihedral, held_out_splits,
+                  hub_csv, shown, source_key)
 
 CHARSET = "# SGo"
 WALL, OPEN, START, GOAL, PATH = 1, 2, 3, 4, 5
@@ -77,7 +78,8 @@ def read_csv(path, size=30):
     """A Maze-Hard CSV -> (questions, answers) tokens [N, size*size] uint8; the source and rating columns are not
     used."""
     if not os.path.isfile(path):
-        raise DataError(f"{path} does not exist; expected a Maze-Hard CSV file with columns {','.join(HEADER)}")
+        raise DataError(f"{path} {'is not a regular file' if os.path.exists(path) else 'does not exist'}; expected a "
+                        f"Maze-Hard CSV file with columns {','.join(HEADER)}")
     lines, questions, answers = [], [], []
     # errors="replace" turns undecodable bytes into U+FFFD, which the character check reports with its line
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
@@ -306,7 +308,9 @@ def generate(count, size=30, min_path=None, density=(0.38, 0.5), seed=0):
     rng = np.random.default_rng(seed)
     questions, answers, ratings = [], [], []
     tries = found = 0
+    progress = Progress(f"generating {size}x{size} mazes", count)
     while found < count:
+        progress(found)
         open_ = np.stack([_maze(rng, size, d) for d in rng.uniform(*density, BATCH)])
         start = _random_cell(rng, open_)
         dist, paths = _bfs(open_, start)
@@ -461,6 +465,11 @@ PRESETS = {
 }
 
 
+# The task's own data settings (train.py refuses another task's), and those read only when puzzles are generated.
+SETTINGS = ("size", "min_path")
+GENERATOR_SETTINGS = ("min_path",)
+
+
 def shape(dcfg):
     """(vocabulary size, tokens per maze) of the data these settings build: what the model is sized by."""
     return VOCAB_SIZE, dcfg.size * dcfg.size
@@ -480,8 +489,12 @@ def build_datasets(dcfg, splits=("train", "test")):
     def generated(count, seed):
         return generate(count, size=dcfg.size, min_path=dcfg.min_path or None, seed=seed)[:2]
 
+    @functools.cache          # both splits at once, so that the test split can be kept apart from training
+    def both():
+        return held_out_splits(dcfg, "Maze-Hard", hard, generated)
+
     def build(split):
-        q, a, source = real_or_generated(dcfg, split, "Maze-Hard", hard, generated)
+        q, a, source = both()[split]
         print(f"{split} set: {len(q)} {source} mazes")
         if split == "test":
             return Dataset.ungrouped(q, a, VOCAB_SIZE)
@@ -506,13 +519,22 @@ def check(inputs, preds):
 def parse_solve(text, mcfg):
     """`evaluate.py --solve FILE`: a maze as lines of "# SG" characters (or one string). No labels: the
     prediction is judged by the checker instead."""
-    if os.path.isfile(text):
-        with open(text) as f:
-            text = "".join(line.rstrip("\n") for line in f)
     size = math.isqrt(mcfg.seq_len)
+    expected = f"expected a file of {size} rows of {size} '# SG' characters, or one string of {size * size}"
+    source = f"--solve {shown(text, 60)}"
+    if os.path.isfile(text):
+        with open(text, encoding="utf-8", errors="replace") as f:
+            text = "".join(line.rstrip("\r\n") for line in f)
+    elif set(text) - set(CHARSET):
+        raise DataError(f"{source} is neither a file nor a maze (it has {shown(min(set(text) - set(CHARSET)))}); "
+                        f"{expected}")
+    foreign = sorted(set(text) - set(CHARSET))
+    if len(text) != size * size or foreign:
+        among = f", among them {shown(foreign[0])}" if foreign else ""
+        raise DataError(f"{source} holds {len(text)} characters{among}; {expected}")
     q = encode(text, size)
-    if (q == 3).sum() != 1 or (q == 4).sum() != 1 or (q == 5).any():
-        raise DataError("the --solve maze needs exactly one S and one G and no 'o' cells")
+    if (q == START).sum() != 1 or (q == GOAL).sum() != 1 or (q == PATH).any():
+        raise DataError(f"{source}: the maze needs exactly one S and one G and no 'o' cells")
     return q, np.zeros_like(q)
 
 

@@ -5,12 +5,13 @@ A grid is a numpy uint8 array of 81 digits, row-major, 0 for a blank ([N, 81] fo
 The solver works on candidate bitmasks: bit k of a cell's mask set means digit k + 1 is still possible.
 """
 import csv
+import functools
 import io
 import os
 
 import numpy as np
 
-from data import Dataset, DataError, cached_splits, hub_csv, real_or_generated, shown, source_key
+from data import Dataset, DataError, Progress, cached_splits, held_out_splits, hub_csv, shown, source_key
 
 ROWS = [[r * 9 + c for c in range(9)] for r in range(9)]
 COLS = [[r * 9 + c for r in range(9)] for c in range(9)]
@@ -69,7 +70,8 @@ def read_csv(path):
     train.csv take seconds."""
     columns = ",".join(HEADER)
     if not os.path.isfile(path):
-        raise DataError(f"{path} does not exist; expected a Sudoku-Extreme CSV file with columns {columns}")
+        raise DataError(f"{path} {'is not a regular file' if os.path.exists(path) else 'does not exist'}; expected a "
+                        f"Sudoku-Extreme CSV file with columns {columns}")
     with open(path, "rb") as f:
         data = f.read().replace(b"\r", b"")
     if not data or data.isspace():
@@ -83,8 +85,21 @@ def read_csv(path):
     if header != columns:
         raise DataError(f"{path} line 1 has the columns {shown(header, 80)}; expected {columns}")
     if b'"' in body:   # standard CSV quoting, which no valid field needs: unquoted the slow way, then checked
-        body = "".join(",".join(row) + "\n" for row in csv.reader(io.StringIO(body.decode("utf-8", "replace"))))
-        body = body.encode()
+        reader = csv.reader(io.StringIO(body.decode("utf-8", "replace"), newline=""))
+        rows, ended = [], 0
+        for row in reader:
+            if any("\n" in field or "\r" in field for field in row):
+                raise DataError(f"{path} line {ended + 2} has a line break inside a quoted field; expected one puzzle "
+                                f"per line")
+            rows.append(",".join(row) + "\n")
+            ended = reader.line_num
+        body = "".join(rows).encode()
+    if max(body, default=0) >= 0x80:     # counted in bytes, a line's lengths would be wrong: name the character
+        at = next(i for i, byte in enumerate(body) if byte >= 0x80)
+        line = body[:at].count(b"\n") + 2
+        character = body[at:at + 4].decode("utf-8", "replace")[0]
+        raise DataError(f"{path} line {line} has the character {shown(character)}, which is not ASCII; expected "
+                        f"digits 1-9 and '.' or '0' for a blank")
     body = body.rstrip(b"\n") + b"\n"
     if body == b"\n":
         raise DataError(f"{path} has a header but no rows; expected one row per puzzle after it")
@@ -274,7 +289,9 @@ def generate(count, min_blanks=40, max_blanks=58, seed=0, min_effort=0):
         raise DataError(f"count {count} and min_effort {min_effort} cannot be used; expected both >= 0")
     rng = np.random.default_rng(seed)
     questions, answers, ratings = [], [], []
+    progress = Progress("generating sudoku puzzles", count)
     while len(questions) < count:
+        progress(len(questions))
         blanks = int(rng.integers(min_blanks, max_blanks + 1))
         made = None
         while made is None:
@@ -420,6 +437,11 @@ PRESETS = {
 }
 
 
+# The task's own data settings (train.py refuses another task's), and those read only when puzzles are generated.
+SETTINGS = ("min_blanks", "max_blanks", "difficulty")
+GENERATOR_SETTINGS = ("min_blanks", "max_blanks", "difficulty")
+
+
 def shape(dcfg):
     """(vocabulary size, tokens per puzzle) of the data these settings build: what the model is sized by."""
     return VOCAB_SIZE, 81
@@ -430,7 +452,9 @@ def augmented_groups(q, a, num_aug, seed):
     rng = np.random.default_rng(seed)
     qs, as_ = np.repeat(q, num_aug + 1, axis=0), np.repeat(a, num_aug + 1, axis=0)
     aug_rows = np.flatnonzero(np.arange(len(qs)) % (num_aug + 1))
+    progress = Progress("augmenting sudoku puzzles", len(aug_rows))
     for start in range(0, len(aug_rows), 200_000):   # chunks bound the index maps' memory
+        progress(start)
         rows = aug_rows[start:start + 200_000]
         qs[rows], as_[rows] = augment(qs[rows], as_[rows], rng)
     return qs, as_
@@ -441,8 +465,12 @@ def build_datasets(dcfg, splits=("train", "test")):
     def generated(count, seed):
         return generate(count, dcfg.min_blanks, dcfg.max_blanks, seed=seed, min_effort=dcfg.difficulty)[:2]
 
+    @functools.cache          # both splits at once, so that the test split can be kept apart from training
+    def both():
+        return held_out_splits(dcfg, "Sudoku-Extreme", load_extreme, generated)
+
     def build(split):
-        q, a, source = real_or_generated(dcfg, split, "Sudoku-Extreme", load_extreme, generated)
+        q, a, source = both()[split]
         print(f"{split} set: {len(q)} {source} puzzles")
         if split == "test":
             return Dataset.ungrouped(q + 1, a + 1, VOCAB_SIZE)

@@ -114,10 +114,10 @@ def encoder_batch(model, B=4, M=3, seed=0):
                 demo_mask=torch.ones(B, M, dtype=torch.bool))
 
 
-TINY = ["--task", "sudoku", "--preset", "cpu", "--d-model", "32", "--n-heads", "4", "--n", "1", "--T", "1",
-        "--n-sup", "2", "--puzzle-emb-len", "1", "--batch-size", "16", "--train-puzzles", "40", "--num-aug", "2",
-        "--test-puzzles", "16", "--eval-limit", "16", "--eval-interval", "0", "--log-interval", "60",
-        "--warmup-steps", "2", "--compile", "off"]
+TINY_MODEL = ["--task", "sudoku", "--preset", "cpu", "--d-model", "32", "--n", "1", "--T", "1", "--n-sup", "2",
+              "--puzzle-emb-len", "1", "--batch-size", "16", "--train-puzzles", "40", "--num-aug", "2",
+              "--test-puzzles", "16", "--warmup-steps", "2", "--compile", "off"]
+TINY = TINY_MODEL + ["--eval-limit", "16", "--eval-interval", "0", "--log-interval", "60"]
 
 
 @pytest.fixture(scope="module")
@@ -202,10 +202,11 @@ ARC_TINY = ["--task", "arc", "--preset", "cpu", "--data", "arcfolder", "--size",
             "--batch-size", "8", "--max-steps", "3", "--log-interval", "60", "--eval-limit", "2", "--compile", "off"]
 
 
-ENCODER_TINY = ["--task", "arc", "--preset", "synthetic", "--train-puzzles", "24", "--test-puzzles", "8",
-                "--num-aug", "1", "--d-model", "16", "--n-heads", "2", "--n", "1", "--T", "1", "--n-sup", "2",
-                "--encoder-layers", "1", "--batch-size", "8", "--max-steps", "3", "--log-interval", "60",
-                "--eval-limit", "8", "--eval-interval", "0", "--compile", "off"]
+SYNTHETIC_TINY = ["--task", "arc", "--preset", "synthetic", "--train-puzzles", "24", "--test-puzzles", "8",
+                  "--num-aug", "1", "--d-model", "16", "--n-heads", "2", "--n", "1", "--T", "1", "--n-sup", "2",
+                  "--batch-size", "8", "--max-steps", "3", "--log-interval", "60", "--eval-limit", "8",
+                  "--eval-interval", "0", "--compile", "off"]
+ENCODER_TINY = SYNTHETIC_TINY + ["--encoder-layers", "1"]
 
 
 EASY = "53..7....6..195....98....6.8...6...34..8.3..17...2...6.6....28....419..5....8..79"
@@ -797,24 +798,26 @@ def test_an_epoch_draws_one_whole_augmented_task_per_group():
 
 def test_data_caches_follow_the_csv_content_and_a_damaged_cache_is_rebuilt(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    q, a, _ = sudoku.generate(4, min_blanks=45, max_blanks=50, seed=1)
-    def write(part, mtime):
+    q, a, _ = sudoku.generate(6, min_blanks=45, max_blanks=50, seed=1)
+    os.makedirs("set")
+    def write(split, part, mtime):
         rows = [("g", sudoku.grid_to_string(x), sudoku.grid_to_string(y), 0) for x, y in zip(q[part], a[part])]
-        write_csv(tmp_path / "set.csv", rows)
-        os.utime("set.csv", ns=(mtime, mtime))
-    tcfg, _ = train.resolve_config(train.parse_args(TINY + ["--data", "set.csv", "--test-puzzles", "0"]))
-    write(slice(0, 2), 10 ** 18)
+        write_csv(tmp_path / "set" / f"{split}.csv", rows)
+        os.utime(f"set/{split}.csv", ns=(mtime, mtime))
+    tcfg, _ = train.resolve_config(train.parse_args(TINY + ["--data", "set", "--test-puzzles", "0"]))
+    write("train", slice(4, 6), 10 ** 18)
+    write("test", slice(0, 2), 10 ** 18)
     assert np.array_equal(sudoku.build_datasets(tcfg, ("test",))[1].inputs, q[:2] + 1)
-    write(slice(2, 4), 2 * 10 ** 18)                          # the same size, new puzzles
-    assert np.array_equal(sudoku.build_datasets(tcfg, ("test",))[1].inputs, q[2:] + 1)
-    folder = sorted(glob.glob("data/sudoku/set.csv-*-2000000000000000000-test*"))[0]
+    write("test", slice(2, 4), 2 * 10 ** 18)                          # the same size, new puzzles
+    assert np.array_equal(sudoku.build_datasets(tcfg, ("test",))[1].inputs, q[2:4] + 1)
+    folder = sorted(glob.glob("data/sudoku/test.csv-*-2000000000000000000-test*"))[0]
     damages = [lambda: open(os.path.join(folder, "inputs.npy"), "r+b").truncate(100),
                lambda: os.remove(os.path.join(folder, "labels.npy")),
                lambda: np.save(os.path.join(folder, "inputs.npy"), np.ones((3, 81), np.uint8))]
     for damage in damages:
         damage()
         capsys.readouterr()
-        assert np.array_equal(sudoku.build_datasets(tcfg, ("test",))[1].inputs, q[2:] + 1)
+        assert np.array_equal(sudoku.build_datasets(tcfg, ("test",))[1].inputs, q[2:4] + 1)
         assert f"rebuilding the data cache {folder}" in capsys.readouterr().out
     # Tokens are not scanned at every start (gigabytes for ARC), but every batch's are, before the model sees them.
     np.save(os.path.join(folder, "labels.npy"), np.full((2, 81), 99, np.uint8))
@@ -896,6 +899,8 @@ def test_sudoku_csv_reader_reads_the_extreme_format(tmp_path):
     ([], "source,quiz,answer,rating", "has the columns 'source,quiz,answer,rating'; expected source,question,answer"),
     ([("s", EASY, BROKEN, 0)], None, "line 2 has an answer that breaks the rules"),
     ([], "PK\x03\x04\x00\x00", r"is not a text file \(it holds NUL bytes\)"),
+    ([("s", "\u0663" * 81, SOLVED, 0)], None, "line 2 has the character '\u0663', which is not ASCII"),    # Arabic-Indic 3
+    ([("s", f'"{EASY[:40]}\n{EASY[41:]}"', SOLVED, 0)], None, "line 2 has a line break inside a quoted field"),
     ([], "\x1b[31m" + "x" * 10 ** 6, r"has the columns '\\x1b\[31mxxx"),     # cut and escaped, not echoed whole
 ])
 def test_sudoku_csv_reader_names_the_problem(tmp_path, rows, header, message):
@@ -984,6 +989,17 @@ def test_maze_csv_reader_round_trips(tmp_path):
     rows = [("gen", x, y, n) for x, y, n in zip(maze.decode(q, 30), maze.decode(a, 30), lengths)]
     got_q, got_a = maze.read_csv(write_csv(tmp_path / "m.csv", rows))
     assert np.array_equal(got_q, q) and np.array_equal(got_a, a)
+
+
+def test_a_solve_maze_is_a_file_or_a_string_of_maze_characters(tmp_path):
+    cfg = trm.TRMConfig(vocab_size=maze.VOCAB_SIZE, seq_len=16)
+    with pytest.raises(data.DataError, match="--solve 'missing_file.txt' is neither a file nor a maze \\(it has '.'\\)"):
+        maze.parse_solve("missing_file.txt", cfg)
+    (tmp_path / "m.txt").write_text("S  #\n ## \n    \n#  G\n")
+    q, labels = maze.parse_solve(str(tmp_path / "m.txt"), cfg)
+    assert maze.decode(q, 4) == ["S  # ##     #  G"] and not labels.any()
+    with pytest.raises(data.DataError, match="holds 15 characters; expected a file of 4 rows of 4"):
+        maze.parse_solve("S  # ##     #  ", cfg)
 
 
 def test_an_impossible_maze_answer_blames_the_model_not_the_maze():
@@ -1561,7 +1577,7 @@ def test_runs_are_compared_by_time_to_accuracy_and_draw_their_curves(workdir, ca
 
 @pytest.mark.slow
 def test_bench_prints_one_line_per_variant(workdir, capsys):
-    train.main(TINY + ["--bench", "float32,bfloat16", "--bench-steps", "1"])
+    train.main(TINY_MODEL + ["--bench", "float32,bfloat16", "--bench-steps", "1"])
     lines = [l for l in capsys.readouterr().out.splitlines() if "samples/s" in l]
     assert [l.split(":")[0].strip() for l in lines] == ["float32", "bfloat16"]
     assert all("MFU" in l and "peak memory" in l for l in lines)
@@ -1570,6 +1586,7 @@ def test_bench_prints_one_line_per_variant(workdir, capsys):
 @pytest.mark.slow
 def test_arc_runs_end_to_end_with_voting_and_a_submission(workdir, capsys):
     write_arc_folder("arcfolder")
+    arc._prepared.cache_clear()          # so that the data is read, and says what it read, whatever ran before
     train.main(ARC_TINY + ["--out", "arc"])
     out = capsys.readouterr().out
     assert "2 training and 2 evaluation tasks, 7 augmentations" in out and "pass@2" in out
@@ -1629,7 +1646,7 @@ def test_an_encoder_model_resumes_exactly(workdir):
 
 @pytest.mark.slow
 def test_an_id_model_says_in_one_sentence_why_it_cannot_solve_a_new_task(workdir, capsys):
-    train.main(ENCODER_TINY + ["--task-embedding", "id", "--out", "id_model"])
+    train.main(SYNTHETIC_TINY + ["--task-embedding", "id", "--out", "id_model"])
     capsys.readouterr()
     json.dump(arc_task([[1, 0], [0, 2]]), open("task.json", "w"))
     expect_error(capsys, evaluate.main, ["--checkpoint", train.checkpoints_in("id_model")[-1], "--solve",
@@ -1650,8 +1667,8 @@ def test_a_tiny_model_learns_sudokus_with_few_blanks(workdir):
 def test_a_tiny_model_learns_tiny_mazes(workdir):
     """5x5 mazes with shortest paths of 6+ cells: copying the maze gets none exactly right; a small token-MLP model
     learns to draw the path in ~30 s."""
-    args = ["--task", "maze", "--preset", "cpu", "--size", "5", "--mlp-t", "--no-rope",
-            "--d-model", "64", "--n-heads", "4", "--n", "1", "--T", "1", "--n-sup", "2", "--puzzle-emb-len", "1",
+    args = ["--task", "maze", "--preset", "cpu", "--size", "5", "--mlp-t",
+            "--d-model", "64", "--n", "1", "--T", "1", "--n-sup", "2", "--puzzle-emb-len", "1",
             "--batch-size", "64", "--train-puzzles", "2000", "--num-aug", "7", "--test-puzzles", "200",
             "--eval-limit", "200", "--lr", "3e-3", "--warmup-steps", "10", "--ema", "0.9", "--max-steps", "250",
             "--eval-interval", "0", "--log-interval", "60", "--out", "learn_maze", "--compile", "off"]
@@ -1674,6 +1691,7 @@ def test_a_tiny_encoder_model_learns_to_read_the_demonstrations(workdir, monkeyp
     train.train(*train.resolve_config(train.parse_args(args)))
     record = [json.loads(l) for l in open("learn_encoder/metrics.jsonl") if '"eval"' in l][-1]
     own, other = record["per_step"][-1]["token"], record["shuffled_demos_token"]
+    print(f"MARGIN own {own:.4f} other {other:.4f}")
     assert own >= other + 0.1, f"token accuracy {own:.0%} with the task's demonstrations, {other:.0%} with another's"
 
 
@@ -1727,6 +1745,7 @@ def damaged(workdir):
     edited_checkpoint(good, "negative_step.pt", lambda s: s.update(step=-5))
     edited_checkpoint(good, "nan_moments.pt", lambda s: s["optimizer"]["state"][0]["exp_avg"].fill_(float("nan")))
     edited_checkpoint(good, "unchecked.pt", lambda s: s.pop("checksum"))
+    edited_checkpoint(good, "moved_data.pt", lambda s: s["train_config"].update(data="moved.csv"))
     edited_checkpoint(good, "stale_checksum.pt", lambda s: s["model_config"].update(n=2), checksum=False)
     state = torch.load(good, weights_only=True)
     weights = state["model"]["output_head.weight"].numpy().tobytes()
@@ -1749,7 +1768,7 @@ BAD_COMMAND_LINES = [
     (["--n-sup", "0"], "--n-sup is 0; expected a whole number of at least 1"),
     (["--batch-size", "0"], "--batch-size is 0; expected a whole number of at least 1"),
     (["--batch-size", "100000"], "--batch-size 100000 is larger than the 120 training rows"),
-    (["--d-model", "30"], "--d-model 30 is not divisible by --n-heads 4"),
+    (["--no-mlp-t", "--d-model", "30"], "--d-model 30 is not divisible by --n-heads 4"),
     (["--ema", "1.5"], "--ema is 1.5; expected a rate in [0, 1)"),
     (["--lr-min-ratio", "1.5"], "--lr-min-ratio is 1.5; expected a ratio in [0, 1]"),
     (["--dtype", "float16"], "--dtype is 'float16'; expected auto, float32 or bfloat16"),
@@ -1802,7 +1821,26 @@ BAD_COMMAND_LINES = [
     (["--resume", "GOOD", "--max-steps", "3", "--out", "other"], "other already holds a run"),
     (["--resume", "nan_weights.pt", "--max-steps", "3"], "checkpoint nan_weights.pt has non-finite ema weights"),
     (["--resume", "good"], "checkpoint good is a folder; expected a checkpoint file"),
-    (["--d-model", "4000000"], "error: out of memory ("),
+    (["--d-model", "4000000"], "--d-model is 4000000; expected at most 8,192: the paper's width is 512"),
+    (["--d-model", "8192", "--n-layers", "64"], "the model has 34.6 billion parameters, whose weights, gradients, "
+                                                "AdamW moments and EMA need 693 GB, and this machine has"),
+    (["--min-path", "9"], "--min-path is no setting of sudoku (its own are --min-blanks, --max-blanks, --difficulty)"),
+    (["--task", "maze", "--size", "6", "--min-blanks", "3"], "--min-blanks is no setting of maze"),
+    (["--data", "wrong.csv", "--difficulty", "2"], "--difficulty sets the puzzle generator, and --data 'wrong.csv' "
+                                                  "reads puzzles instead, so it would do nothing"),
+    (["--encoder-layers", "-3"], "--encoder-layers would do nothing here: it sizes the demonstration encoder"),
+    (["--difficulty", "1000000"], "--difficulty is 1000000; expected at most 20: puzzles made by removing givens"),
+    (["--n-layers", "100000"], "--n-layers is 100000; expected at most 64"),
+    (["--seed", str(2 ** 64)], f"--seed is {2 ** 64}; expected at most 9,223,372,036,854,775,807: torch takes 64-bit"),
+    (["--max-steps", "0", "--epochs", "0"], "--max-steps 0 leaves the length to --epochs, which is 0 too"),
+    (["--bench-steps", "3"], "--bench-steps would do nothing here: it counts the steps --bench times"),
+    (["--depth-width", "2"], "--depth-width would do nothing here: only --depth-schedule random draws depths"),
+    (["--rope"], "--rope would do nothing here: the token MLP (--mlp-t) mixes positions without attention"),
+    (["--n-heads", "2"], "--n-heads would do nothing here: the token MLP (--mlp-t) mixes positions"),
+    (["--resume", "GOOD", "--max-steps", "3", "--lr", "0.5"], "was trained with lr 0.004, not 0.5; --resume continues "
+                                                             "a run exactly, so expected the same --lr"),
+    (["--resume", "GOOD", "--max-steps", "3", "--preset", "paper"], "was trained with preset cpu, not paper"),
+    (["--resume", "GOOD", "--max-steps", "3", "--data-seed", "4"], "was trained with data_seed 0, not 4"),
     (["--resume", "runs_code.pt"], "checkpoint runs_code.pt holds objects other than tensors and plain values, which "
                                    "loading could run as code, so it was not loaded"),
     (["--resume", "flipped.pt"], "checkpoint flipped.pt is damaged: its contents no longer match the checksum"),
@@ -1824,8 +1862,8 @@ BAD_EVALUATIONS = [
     (["--checkpoint", "truncated.pt"], "checkpoint truncated.pt could not be read"),
     (["--checkpoint", "GOOD", "--solve", "123"], "--solve puzzle"),
     (["--checkpoint", "GOOD", "--solve", "x" * 81], "--solve puzzle"),
-    (["--checkpoint", "GOOD", "--steps", "0"], "--steps '0': expected a positive whole number"),
-    (["--checkpoint", "GOOD", "--breadth", "4,x"], "--breadth '4,x': expected a positive whole number"),
+    (["--checkpoint", "GOOD", "--steps", "0"], "--steps '0': expected a whole number from 1 to 4096"),
+    (["--checkpoint", "GOOD", "--breadth", "4,x"], "--breadth '4,x': expected a whole number from 1 to 4096"),
     (["--checkpoint", "GOOD", "--halt", "--halt-threshold", "1.5"], "--halt-threshold is 1.5; expected a probability"),
     (["--checkpoint", "GOOD", "--task", "maze"], "--task maze: checkpoint GOOD was trained on sudoku"),
     (["--checkpoint", "GOOD", "--out", "notes.pt"], "--out notes.pt is a file; expected a folder"),
@@ -1834,7 +1872,7 @@ BAD_EVALUATIONS = [
     (["--checkpoint", "renamed_weight.pt"], "checkpoint renamed_weight.pt does not fit its own model config"),
     (["--checkpoint", "nan_weights.pt"], "checkpoint nan_weights.pt has non-finite ema weights (output_head.weight)"),
     (["--checkpoint", "good"], "checkpoint good is a folder; expected a checkpoint file"),
-    (["--checkpoint", "GOOD", "--limit", "-1"], "--limit is -1; expected a whole number of at least 0"),
+    (["--checkpoint", "GOOD", "--limit", "-1"], "--limit is -1; expected a whole number from 0 to 1,000,000,000"),
     (["--checkpoint", "GOOD", "--dtype", "float16"], "error: argument --dtype: invalid choice: 'float16'"),
     (["--checkpoint", "runs_code.pt"], "checkpoint runs_code.pt holds objects other than tensors and plain values"),
     (["--checkpoint", "flipped.pt"], "checkpoint flipped.pt is damaged: its contents no longer match the checksum"),
@@ -1847,12 +1885,25 @@ BAD_EVALUATIONS = [
     (["--checkpoint", "ref_extra.pt"], "reference checkpoint ref_extra.pt has the key '_orig_mod.inner.extra.weight'"),
     (["--checkpoint", "ref_nan.pt"], "reference checkpoint ref_nan.pt has non-finite weights (Q_head.weight)"),
     (["--checkpoint", "ref_missing.pt", "--task", "maze"], "holds a model of 900 tokens over 11 symbols, but maze"),
+    (["--checkpoint", "GOOD", "--noise", "0.3"], "--noise would do nothing here: it shapes the trajectories of --breadth"),
+    (["--checkpoint", "GOOD", "--init", "random"], "--init would do nothing here: it shapes the trajectories"),
+    (["--checkpoint", "GOOD", "--select", "vote"], "--select would do nothing here"),
+    (["--checkpoint", "GOOD", "--halt-threshold", "0.5"], "--halt-threshold would do nothing here: it sets when --halt"),
+    (["--checkpoint", "GOOD", "--solve", "EASY", "--breadth", "4"], "--breadth would do nothing here: --solve solves"),
+    (["--checkpoint", "GOOD", "--solve", "EASY", "--halt"], "--halt would do nothing here: --solve solves the one"),
+    (["--runs", "good", "--steps", "4"], "--steps would do nothing with --runs, which draws training runs"),
+    (["--checkpoint", "GOOD", "--batch-size", "0"], "--batch-size is 0; expected a whole number from 1 to 1,048,576"),
+    (["--checkpoint", "GOOD", "--breadth", "100000"], "--breadth '100000': expected a whole number from 1 to 4096"),
+    (["--checkpoint", "GOOD", "--data", "/dev/null"], "--data '/dev/null' is neither a regular file nor a folder"),
+    (["--checkpoint", "moved_data.pt"], "--data 'moved.csv' is neither generate, hub, auto nor an existing CSV file or "
+                                        "folder (the data settings are those checkpoint moved_data.pt was trained with"),
 ]
 
 
 @pytest.mark.parametrize("args,message", BAD_EVALUATIONS, ids=[" ".join(a)[:40] for a, _ in BAD_EVALUATIONS])
 def test_bad_evaluations_fail_with_one_sentence(damaged, capsys, args, message):
-    expect_error(capsys, evaluate.main, [damaged if a == "GOOD" else a for a in args], message.replace("GOOD", damaged))
+    args = [damaged if a == "GOOD" else EASY if a == "EASY" else a for a in args]
+    expect_error(capsys, evaluate.main, args, message.replace("GOOD", damaged))
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_by_both_commands_and_runs_nothing(damaged, capsys):
@@ -1921,6 +1972,25 @@ BAD_ARC = [
 def test_bad_arc_settings_fail_with_one_sentence(workdir, capsys, args, message):
     write_arc_folder("arcfolder")
     expect_error(capsys, train.main, ARC_TINY + ["--out", "arc_bad", "--overwrite"] + args, message)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--bench", "float64"], "--bench variant 'float64'; expected float32 or bfloat16, optionally with +compile"),
+    (["--bench", "--resume", "GOOD"], "--resume would do nothing here: --bench times training steps and trains nothing"),
+    (["--bench", "--eval-interval", "5"], "--eval-interval would do nothing here: --bench times training steps"),
+], ids=["float64", "resume", "eval-interval"])
+def test_bad_benchmarks_fail_with_one_sentence(damaged, capsys, args, message):
+    expect_error(capsys, train.main, TINY_MODEL + [damaged if a == "GOOD" else a for a in args], message)
+
+
+def test_running_out_of_memory_is_one_sentence_naming_the_settings_that_size_the_run(workdir, capsys, monkeypatch):
+    def too_big(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(train, "supervision_step", too_big)
+    expect_error(capsys, train.main, TINY + ["--max-steps", "2", "--out", "oom"],
+                 "error: out of memory ('CUDA out of memory. Tried to allocate 20.00 GiB'); expected smaller settings: "
+                 "--batch-size, --micro-batch, --d-model", unchanged=False)
+    assert not os.path.exists("oom"), "a run that never stepped leaves no folder"
 
 
 def test_a_real_process_exits_non_zero_without_traceback(tmp_path):
@@ -2014,6 +2084,51 @@ def test_a_training_line_with_no_halted_puzzle_has_no_exact_accuracy_not_zero(wo
     record = json.loads(open("nothing_halted/metrics.jsonl").readline())
     assert record["step"] == 1 and record["exact"] is None and record["mean_halt_steps"] is None
     assert "none halted yet" in capsys.readouterr().out
+
+
+def test_resume_accepts_and_lists_only_settings_that_change_nothing_computed(damaged, capsys):
+    run_train("--max-steps", "1", "--out", "resumed_notes")
+    run_train("--max-steps", "2", "--eval-interval", "1", "--checkpoint-interval", "7", "--resume", "auto", "--out",
+              "resumed_notes")
+    out = capsys.readouterr().out
+    assert ("resumed at step 1 from resumed_notes/ckpt_00000001.pt, changing what changes nothing computed: "
+            "checkpoint_interval 500 -> 7, eval_interval 0 -> 1, max_steps 1 -> 2") in out
+
+
+def test_a_single_csv_is_split_apart_and_no_held_out_puzzle_is_a_training_puzzle(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    q, a, _ = sudoku.generate(12, min_blanks=45, max_blanks=50, seed=4)
+    write_csv(tmp_path / "one.csv", [("g", sudoku.grid_to_string(x), sudoku.grid_to_string(y), 0) for x, y in zip(q, a)])
+    tcfg, _ = train.resolve_config(train.parse_args(TINY + ["--data", "one.csv", "--test-puzzles", "3",
+                                                           "--train-puzzles", "0"]))
+    train_ds, test_ds = sudoku.build_datasets(tcfg)
+    assert "--data one.csv serves both splits: 3 of its 12 puzzles, drawn with --data-seed 0, are held out" in \
+        capsys.readouterr().out
+    trained = {row.tobytes() for row in train_ds.inputs[train_ds.group_starts[:-1]]}
+    assert len(test_ds.inputs) == 3 and len(trained) == 9 and not trained & {row.tobytes() for row in test_ds.inputs}
+    os.makedirs("two")            # two files that share puzzles: the shared ones leave the test set
+    rows = [("g", sudoku.grid_to_string(x), sudoku.grid_to_string(y), 0) for x, y in zip(q, a)]
+    write_csv(tmp_path / "two" / "train.csv", rows[:8])
+    write_csv(tmp_path / "two" / "test.csv", rows[6:])
+    tcfg, _ = train.resolve_config(train.parse_args(TINY + ["--data", "two", "--test-puzzles", "0", "--train-puzzles",
+                                                           "0"]))
+    _, test_ds = sudoku.build_datasets(tcfg, ("test",))
+    assert np.array_equal(test_ds.inputs, q[8:] + 1)
+    assert "removed 2 of the 6 held-out puzzles of two whose question is also a training puzzle's" in \
+        capsys.readouterr().out
+    write_csv(tmp_path / "same.csv", rows[:1] * 60)
+    tcfg, _ = train.resolve_config(train.parse_args(TINY + ["--data", "same.csv", "--test-puzzles", "0"]))
+    with pytest.raises(data.DataError, match="every one of the 6 held-out puzzles of same.csv is also a training puzzle"):
+        sudoku.build_datasets(tcfg)
+
+
+def test_data_builds_say_how_far_they_are(monkeypatch, capsys):
+    monkeypatch.setattr(data.Progress, "every", 0.0)
+    sudoku.generate(3, min_blanks=45, max_blanks=50, seed=4)
+    maze.generate(70, size=6, seed=1)
+    out = capsys.readouterr().out
+    assert re.search(r"generating sudoku puzzles: 2/3 \([\d.]+/s\), ETA \dm\d\ds", out), out
+    assert re.search(r"generating 6x6 mazes: \d+/70", out), out
 
 
 def test_a_damaged_newest_checkpoint_never_outlives_the_good_one(workdir, capsys):

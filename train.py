@@ -433,9 +433,11 @@ def check_config(tcfg, mcfg):
         for name in names:
             value = getattr(tcfg, name, getattr(mcfg, name, None))
             if not test(value):
-                flag = ("--n-sup" if name == "N_sup" else f"{name} (set by the data)" if name in NOT_FLAGS else
-                        "--" + name.replace("_", "-"))
-                raise SettingsError(f"{flag} is {value}; expected {expected}")
+                raise SettingsError(f"{flag_of(name)} is {value}; expected {expected}")
+    for name, (most, why) in LIMITS.items():       # work that could never finish is refused before it starts
+        value = getattr(tcfg, name, getattr(mcfg, name, None))
+        if value > most:
+            raise SettingsError(f"{flag_of(name)} is {value}; expected at most {most:,}: {why}")
     if tcfg.train_puzzles and tcfg.batch_size > tcfg.train_puzzles * (tcfg.num_aug + 1):
         raise SettingsError(f"--batch-size {tcfg.batch_size} is larger than the "
                             f"{tcfg.train_puzzles * (tcfg.num_aug + 1)} training rows "
@@ -445,7 +447,10 @@ def check_config(tcfg, mcfg):
                             f"factor (the paper's is 4)")
     if tcfg.resume and tcfg.overwrite:
         raise SettingsError("--resume continues the run in --out and --overwrite replaces it; expected one of them")
-    if mcfg.d_model % mcfg.n_heads:
+    if tcfg.max_steps == 0 and tcfg.epochs == 0:
+        raise SettingsError("--max-steps 0 leaves the length to --epochs, which is 0 too; expected a number of steps "
+                            "or epochs to train")
+    if not mcfg.mlp_t and mcfg.d_model % mcfg.n_heads:
         raise SettingsError(f"--d-model {mcfg.d_model} is not divisible by --n-heads {mcfg.n_heads}")
     if mcfg.rope and not mcfg.mlp_t and mcfg.d_model // mcfg.n_heads % 2:
         raise SettingsError(f"--d-model {mcfg.d_model} over --n-heads {mcfg.n_heads} gives heads of "
@@ -470,6 +475,76 @@ def check_config(tcfg, mcfg):
         if value not in allowed:
             raise SettingsError(f"--{name} is {value!r}; expected {', '.join(allowed[:-1])} or {allowed[-1]}")
     check_variant(tcfg, mcfg)
+
+
+# Upper bounds, each with why: a typo (1e6 for 1e-6) must not start work that cannot finish, or fill the memory.
+LIMITS = dict(
+    n=(64, "the paper recurses 6 times"), T=(64, "the paper's T is 3"), N_sup=(1024, "the paper's is 16"),
+    n_layers=(64, "the paper's net has 2"), encoder_layers=(64, "the encoder has 2 by default"),
+    d_model=(8192, "the paper's width is 512"), n_heads=(256, "the paper's is 8"),
+    expansion=(64.0, "the paper's SwiGLU factor is 4"), puzzle_emb_len=(1024, "the paper's prefix has 16"),
+    batch_size=(1 << 20, "the paper's is 768"), micro_batch=(1 << 20, "the paper's batch is 768"),
+    num_aug=(100_000, "the paper's is 1000"), train_puzzles=(10_000_000, "Sudoku-Extreme has 3.8M"),
+    test_puzzles=(10_000_000, "Sudoku-Extreme's test set has 423K"),
+    difficulty=(20, "puzzles made by removing givens at random rarely need more guesses (1 in 400 of those with "
+                    "50-60 blanks needs 20), so the generator would run for days"),
+    max_steps=(10 ** 9, "the paper's longest run is 518K steps"), epochs=(10 ** 9, "the paper's longest run is 100K"),
+    threads=(4096, "threads beyond the cores only wait"), bench_steps=(10_000, "a timing needs a few"),
+    seed=(2 ** 63 - 1, "torch takes 64-bit seeds"), data_seed=(2 ** 63 - 1, "numpy takes 64-bit seeds"))
+
+
+def flag_of(name):
+    """The command line's flag for a setting (or, for one the data sets, its name and where it comes from)."""
+    return "--n-sup" if name == "N_sup" else f"{name} (set by the data)" if name in NOT_FLAGS else \
+        "--" + name.replace("_", "-")
+
+
+def check_given(given, tcfg, mcfg):
+    """A flag given that these settings never read is refused, saying why: it would do nothing, in silence."""
+    task = importlib.import_module(tcfg.task)
+    own = {"min_blanks", "max_blanks", "difficulty", "size", "min_path", "extra"}     # each task reads some of these
+    for name in given:
+        if name in own and name not in task.SETTINGS:
+            raise SettingsError(f"{flag_of(name)} is no setting of {tcfg.task} (its own are "
+                                f"{', '.join(map(flag_of, task.SETTINGS))}), so it would do nothing")
+        if name in task.GENERATOR_SETTINGS and tcfg.data not in ("generate", "auto"):
+            raise SettingsError(f"{flag_of(name)} sets the puzzle generator, and --data {shown(tcfg.data, 80)} reads "
+                                f"puzzles instead, so it would do nothing; expected --data generate or auto")
+    attention = not mcfg.mlp_t
+    rules = [  # (settings, whether they do something here, why not)
+        (("encoder_layers",), mcfg.task_embedding == "encoder", "it sizes the demonstration encoder, which only "
+                                                                "--task-embedding encoder has"),
+        (("puzzle_emb_lr", "puzzle_emb_weight_decay"), mcfg.task_embedding == "id",
+         "they train the puzzle-id table, which --task-embedding encoder does not use"),
+        (("depth_width", "random_n_sup"), tcfg.depth_schedule == "random", "only --depth-schedule random draws depths"),
+        (("curriculum_stages",), tcfg.depth_schedule == "curriculum", "only --depth-schedule curriculum has stages"),
+        (("n_heads", "rope", "rope_theta"), attention, "the token MLP (--mlp-t) mixes positions without attention"),
+        (("rope_theta",), mcfg.rope, "only --rope uses it"),
+        (("bench_steps",), tcfg.bench, "it counts the steps --bench times"),
+        (("resume", "overwrite", "out", "max_steps", "epochs", "eval_interval", "eval_limit", "checkpoint_interval",
+          "log_interval", "skip_nonfinite"), not tcfg.bench, "--bench times training steps and trains nothing"),
+    ]
+    for names, used, why in rules:
+        name = next((name for name in names if name in given), None)
+        if name and not used:
+            raise SettingsError(f"{flag_of(name)} would do nothing here: {why}")
+
+
+def check_memory(mcfg, device):
+    """A model whose weights, gradients, AdamW moments and EMA alone (20 bytes a parameter) outgrow this machine's
+    memory is refused before any data is built (the model is counted on the meta device: no memory is taken)."""
+    with torch.device("meta"):
+        params = TRM(mcfg).num_params()
+    if device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(device).total_memory, f"{device} has"
+    elif device.type == "cpu":
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
+    else:
+        return
+    if 20 * params > have:
+        raise SettingsError(f"the model has {params / 1e9:.1f} billion parameters, whose weights, gradients, AdamW "
+                            f"moments and EMA need {20 * params / 1e9:.0f} GB, and {where} {have / 1e9:.0f} GB; "
+                            f"expected a smaller --d-model, --n-layers or --expansion")
 
 
 def check_variant(tcfg, mcfg):
@@ -708,6 +783,7 @@ class Run:
         """Everything is built and checked first; the output folder is claimed last, so a run that fails its
         checks (settings, device, data, checkpoint) leaves no file behind."""
         device, dtype, compile_on, autocast = setup_runtime(tcfg)
+        check_memory(mcfg, device)
         ranks = Ranks.from_env()
         if tcfg.batch_size % ranks.world:
             raise SettingsError(f"--batch-size {tcfg.batch_size} does not split evenly over "
@@ -721,7 +797,13 @@ class Run:
         task = importlib.import_module(tcfg.task)
         t0 = time.time()
         with ranks.main_first():     # rank 0 builds the cached data, the others then read it
-            train_ds, test_ds = task.build_datasets(tcfg)
+            try:
+                train_ds, test_ds = task.build_datasets(tcfg)
+            except (DataError, SettingsError) as e:
+                if not tcfg.resume:
+                    raise
+                raise DataError(f"{e} (the data settings are those checkpoint {tcfg.resume} was trained with)") \
+                    from None
         mcfg = fit_to_data(mcfg, train_ds, resume_state is None)
         log(f"data: {len(train_ds.inputs)} training rows in {train_ds.num_groups} groups, "
             f"{len(test_ds.inputs)} test rows ({time.time() - t0:.1f}s)")
@@ -909,7 +991,9 @@ def restore_training(run, state):
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
         raise DataError(f"checkpoint {path} cannot be resumed: its optimizer, data position or random "
                         f"state is damaged ({type(e).__name__})") from None
-    run.log(f"resumed at step {run.step} from {path}")
+    run.log(f"resumed at step {run.step} from {path}" + (f", changing what changes nothing computed: "
+                                                           f"{', '.join(state['changed'])}" if state.get("changed")
+                                                           else ""))
 
 
 def save_checkpoint(path, state):
@@ -986,14 +1070,24 @@ def find_checkpoint(resume, out):
     raise DataError(f"--resume auto found no complete checkpoint in {out}")
 
 
+# What a resumed run may change: how it runs, logs, evaluates and saves, and how long it trains. Every other setting
+# changes what is computed, and --resume continues a run exactly.
+RESUMABLE = ("out", "resume", "max_steps", "epochs", "log_interval", "eval_interval", "eval_limit",
+             "checkpoint_interval", "threads", "device", "compile", "micro_batch", "skip_nonfinite")
+
+
 def resumed_config(given, tcfg):
-    """--resume: the checkpoint's settings, changed where the command line says so (--max-steps, say), except
-    the task and the model's shape. Returns them with the checkpoint's state."""
+    """--resume: the checkpoint's settings, with only RESUMABLE ones changed by the command line (--max-steps, say),
+    each change noted. Returns them with the checkpoint's state."""
     path, state = find_checkpoint(tcfg.resume, tcfg.out)
-    saved = {**state["train_config"], **state["model_config"]}
-    for k in ("task", *state["model_config"]):
-        if k in given and given[k] != saved[k]:
-            raise SettingsError(f"checkpoint {path} was trained with {k} {saved[k]}, not {given[k]}")
+    saved = {**state["train_config"], **state["model_config"], "preset": state["train_config"]["preset"]}
+    given = {**given, "preset": tcfg.preset} if "preset" in given else given     # auto, as it resolved here
+    for k, value in given.items():
+        if k not in RESUMABLE and value != saved[k]:
+            raise SettingsError(f"checkpoint {path} was trained with {k} {saved[k]}, not {value}; --resume continues "
+                                f"a run exactly, so expected the same {flag_of(k)}, or a new run in another --out")
+    state["changed"] = [f"{k} {saved[k]} -> {v}" for k, v in sorted(given.items()) if k not in ("out", "resume")
+                        and v != saved[k]]
     return (*resolve_config({**saved, **given, "resume": path, "out": tcfg.out}), state)
 
 
@@ -1152,6 +1246,7 @@ def main(argv=None):
 def run_command(given):
     """The command line's run: a benchmark, a new run, or a resumed one (settings from its checkpoint)."""
     tcfg, mcfg = resolve_config(given)
+    check_given(given, tcfg, mcfg)
     if tcfg.bench:
         return bench(tcfg, mcfg)
     tcfg.out = tcfg.out or os.path.join("out", f"{tcfg.task}-{tcfg.preset}")
@@ -1177,11 +1272,13 @@ def bench(tcfg, mcfg):
           f"{mcfg.puzzle_emb_len + mcfg.seq_len} positions; {flops / 1e9:.2f} GFLOP per sample and step")
     for variant in tcfg.bench.split(","):
         dtype, _, compiled = variant.partition("+")
-        if compiled not in ("", "compile"):
-            raise SettingsError(f"--bench variant {variant!r}; expected a dtype, optionally with +compile")
+        if compiled not in ("", "compile") or dtype not in ("float32", "bfloat16"):
+            raise SettingsError(f"--bench variant {shown(variant)}; expected float32 or bfloat16, optionally with "
+                                f"+compile (float32,bfloat16+compile, say)")
         vcfg = dataclasses.replace(tcfg, dtype=dtype, compile="on" if compiled else "off")
         check_config(vcfg, mcfg)
         device, dtype, compile_on, autocast = setup_runtime(vcfg)
+        check_memory(mcfg, device)
         torch.manual_seed(tcfg.seed)
         model = TRM(mcfg).to(device).train()
         micro = micro_batch_size(tcfg, mcfg, device)
