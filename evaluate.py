@@ -59,8 +59,9 @@ def read_torch_file(path):
     """A checkpoint file's contents, loaded as tensors and plain values only (weights_only): a file that would run
     code when unpickled is refused, not run. A missing, unreadable or unsafe file is one sentence."""
     if not os.path.isfile(path):
-        raise DataError(f"checkpoint {path} is a folder; expected a checkpoint file" if os.path.isdir(path) else
-                        f"checkpoint {path} does not exist")
+        what = "is a folder" if os.path.isdir(path) else "is not a regular file" if os.path.exists(path) else \
+            "does not exist"
+        raise DataError(f"checkpoint {path} {what}; expected a checkpoint file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -173,8 +174,8 @@ def reference_settings(task):
 
 def load_for_eval(path, task=None):
     """Our checkpoint (its EMA weights) or a reference state_dict (task: which task it was trained on, sudoku when
-    None). Returns (model, data settings, the train_config dict as saved: a reference state_dict's is the task's
-    paper preset). The model must read the data its settings build: a checkpoint edited into another task, or a
+    None). Returns (model, data settings, whether it is a reference state_dict, whose data settings are its task's
+    paper preset's). The model must read the data its settings build: a checkpoint edited into another task, or a
     reference state_dict given the wrong --task, is one sentence."""
     raw = read_torch_file(path)
     if isinstance(raw, dict) and any(str(k).removeprefix("_orig_mod.").startswith("inner.") for k in raw):
@@ -208,7 +209,7 @@ def load_for_eval(path, task=None):
         raise DataError(f"reference checkpoint {path} lacks {reference_name(missing[0])} ({len(missing)} missing); "
                         f"expected a whole state_dict saved by the reference code")
     load_weights(model, sd, path, fits)
-    return model.eval(), dcfg, train_config
+    return model.eval(), dcfg, fits != "its own model config"
 
 
 # ---------------------------------------------------------------------------------------- the test rows
@@ -1251,10 +1252,11 @@ def run(args, given):
         return print("plot: {} and {}".format(*plot_runs(args.runs.split(","), args.out or ".")))
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     check_out_folder(out, "--out" if args.out else "the checkpoint's folder (the default --out)")
-    model, dcfg, trained = load_for_eval(args.checkpoint, args.task)
-    if args.task and args.task != dcfg.task:
-        raise SettingsError(f"--task {args.task}: checkpoint {args.checkpoint} was trained on {dcfg.task}")
-    dcfg = dataclasses.replace(dcfg, data=args.data or dcfg.data)
+    model, dcfg, reference = load_for_eval(args.checkpoint, args.task)
+    if args.task and not reference:
+        raise SettingsError(f"--task {args.task} would do nothing here: checkpoint {args.checkpoint} says it was "
+                            f"trained on {dcfg.task}, and --task is for a reference state_dict, which does not")
+    trained_on, dcfg = dcfg.data, dataclasses.replace(dcfg, data=args.data or dcfg.data)
     task = importlib.import_module(dcfg.task)
     device, autocast = device_and_autocast(args.dtype)
     model.to(device)
@@ -1285,8 +1287,8 @@ def run(args, given):
                        autocast, args.checkpoint)
         return
 
-    if dcfg.task == "arc" and dcfg.data != trained["data"] and not model.reads_demos:
-        raise SettingsError(f"--data {dcfg.data}: this model was trained on {trained['data']} with puzzle ids, which "
+    if dcfg.task == "arc" and dcfg.data != trained_on and not model.reads_demos:
+        raise SettingsError(f"--data {dcfg.data}: this model was trained on {trained_on} with puzzle ids, which "
                             f"exist only for the tasks it trained on; expected a model trained with --task-embedding "
                             f"encoder to attempt other tasks")
     try:

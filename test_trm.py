@@ -1865,7 +1865,8 @@ BAD_EVALUATIONS = [
     (["--checkpoint", "GOOD", "--steps", "0"], "--steps '0': expected a whole number from 1 to 4096"),
     (["--checkpoint", "GOOD", "--breadth", "4,x"], "--breadth '4,x': expected a whole number from 1 to 4096"),
     (["--checkpoint", "GOOD", "--halt", "--halt-threshold", "1.5"], "--halt-threshold is 1.5; expected a probability"),
-    (["--checkpoint", "GOOD", "--task", "maze"], "--task maze: checkpoint GOOD was trained on sudoku"),
+    (["--checkpoint", "GOOD", "--task", "maze"], "--task maze would do nothing here: checkpoint GOOD says it was "
+                                                 "trained on sudoku, and --task is for a reference state_dict"),
     (["--checkpoint", "GOOD", "--out", "notes.pt"], "--out notes.pt is a file; expected a folder"),
     (["--checkpoint", "GOOD", "--out", "fresh", "--data", "wrong.csv"], "wrong.csv line 1 has the columns"),
     (["--checkpoint", "wrong_type.pt"], "checkpoint wrong_type.pt has d_model = 'wide' (str); expected int"),
