@@ -726,6 +726,51 @@ def test_compiled_supervision_step_trains_like_the_eager_one(mlp_t):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+COMPILED_VARIANTS = [dict(), dict(mlp_t=False, rope=True), dict(separate_nets=True), dict(one_step_grad=True),
+                     dict(one_step_grad=True, separate_nets=True), dict(act_continue=True), dict(latents="single"),
+                     dict(latents="multi"), dict(vocab_size=12, mlp_t=False, rope=True, task_embedding="encoder"),
+                     dict(decay=0.7)]
+
+
+@pytest.mark.parametrize("kw", COMPILED_VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "trm")
+def test_the_compiled_step_is_one_graph_traced_once_per_depth(kw):
+    # fullgraph=True raises at any graph break; the counting backend runs each traced graph as it is, so this
+    # checks what dynamo does without inductor's compile time. Depth schedules change (n, T, N_sup) between
+    # steps: each new depth is one more graph, a depth seen before none; bf16 autocast and CGAR's decay (its
+    # weights) are in the graph too.
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    step_fn = torch.compile(train.supervision_step, backend=counter, fullgraph=True)
+    kw = dict(kw)
+    decay = kw.pop("decay", 1.0)
+    model = tiny_model(seq_len=16, puzzle_emb_len=2, **kw).train()
+    batch = encoder_batch(model) if model.reads_demos else tiny_batch(model)
+    carry, B = train.initial_carry(model, batch), len(batch["inputs"])
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)      # one context for the run, as train.py's
+    for depth in [(1, 2, 3), (1, 2, 3), (2, 2, 4), (1, 2, 3)]:
+        carry = train.refill(model, carry, batch)
+        result = train.accumulated_step(step_fn, model, carry, torch.zeros(B, dtype=torch.long), B, B, autocast,
+                                        depth, decay)
+        carry = result.carry
+    assert counter.frame_count == 2
+    assert (result.puzzle_grad is None) == model.reads_demos
+
+
+@pytest.mark.slow
+def test_two_compiled_runs_of_one_seed_train_bit_identical_weights(workdir):
+    # The cpu presets ship with torch.compile and bf16. The second run traces again and takes inductor's code
+    # from its cache, as a second process would; the weights must not depend on how threads were timed.
+    args = ["--compile", "on", "--dtype", "bfloat16", "--batch-size", "64", "--max-steps", "3"]
+    for out in ("seed_a", "seed_b"):
+        torch._dynamo.reset()
+        run_train(*args, "--out", out)
+    a, b = final_state("seed_a"), final_state("seed_b")
+    for key in ("model", "ema"):
+        for k, value in a[key].items():
+            assert torch.equal(value, b[key][k]), f"{key} {k} differs between two runs of one seed"
+
+
 def test_without_a_working_cpu_compiler_the_run_goes_on_eagerly(monkeypatch, capsys):
     # The cpu presets ask for torch.compile; a laptop without a C++ compiler must still train.
     import torch._inductor.config
@@ -1581,6 +1626,8 @@ def test_bench_prints_one_line_per_variant(workdir, capsys):
     lines = [l for l in capsys.readouterr().out.splitlines() if "samples/s" in l]
     assert [l.split(":")[0].strip() for l in lines] == ["float32", "bfloat16"]
     assert all("MFU" in l and "peak memory" in l for l in lines)
+    shares = [re.search(r"matrix products (\d+)% of the step, the rest (\d+)%", l) for l in lines]
+    assert all(m and int(m[1]) + int(m[2]) in (99, 100, 101) and int(m[1]) > 0 for m in shares)
 
 
 @pytest.mark.slow

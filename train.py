@@ -23,6 +23,7 @@ evaluations, checkpoints and the output folder, signals, and the benchmark.
 import argparse
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import functools
 import fcntl
@@ -89,13 +90,18 @@ def initial_carry(model, batch):
 
 def refill(model, carry, batch):
     """`y, z = y_init, z_init` for a new puzzle: slots that halted last step take the batch's puzzle at their
-    position and restart from the initial states (as the reference does); the others keep theirs."""
+    position and restart from the initial states (as the reference does); the others keep theirs. Then every
+    slot reads its puzzle's row of the puzzle-embedding table as sign-SGD has left it, as a leaf whose .grad
+    backward fills for the sparse update. It is made here, outside the compiled step, because a tensor made a
+    leaf inside a compiled region and returned from it splits the graph. The encoder reads its rows in the step."""
     halted = carry["halted"]
     y0, z0 = model.initial_state(halted.shape[0])
     fresh = dict(batch, y=y0, z=z0, steps=torch.zeros_like(carry["steps"]))
     # halted [B] spread over each tensor's other dimensions: [B, L], [B, S, D], multi-scale z's [B, n, S, D]
-    return dict({k: torch.where(halted.view(-1, *[1] * (v.dim() - 1)), v, carry[k]) for k, v in fresh.items()},
-                halted=halted)
+    carry = {k: torch.where(halted.view(-1, *[1] * (v.dim() - 1)), v, carry[k]) for k, v in fresh.items()}
+    if not model.reads_demos:
+        carry["puzzle_rows"] = model.task_rows(carry)                                           # [B, D]
+    return dict(carry, halted=halted)
 
 
 def exploration_min_steps(batch_size, N_sup, p, device):
@@ -125,8 +131,10 @@ def supervision_step(model, carry, min_steps, autocast, depth=None, decay=1.0):
     CGAR's lambda, supervision step k of a slot weighted lambda^(k-1). torch.compile compiles this."""
     n, T, N_sup = depth or (model.cfg.n, model.cfg.T, model.cfg.N_sup)
     steps = carry["steps"] + 1
+    carry = dict(carry)
     with autocast:
-        puzzle_rows = model.task_rows(carry)      # table rows as a leaf, or the encoder's output with its graph
+        # the encoder's reading with its graph, or the table rows refill read as a leaf (not carried on)
+        puzzle_rows = model.task_rows(carry) if model.reads_demos else carry.pop("puzzle_rows")
         (y, z), logits, q = model(carry["inputs"], puzzle_rows, carry["y"], carry["z"], n, T)
         continue_loss = None
         if model.cfg.act_continue:     # HRM's ACT: its continue loss needs one more step, without gradient
@@ -154,7 +162,10 @@ def accumulated_step(step_fn, model, carry, min_steps, micro, global_batch, auto
     parts = []
     for i in range(0, len(min_steps), micro):
         rows = slice(i, i + micro)
-        part = step_fn(model, {k: v[rows] for k, v in carry.items()}, min_steps[rows], autocast, depth, decay)
+        part = {k: v[rows] for k, v in carry.items()}
+        if not model.reads_demos:      # each micro-batch's table rows a leaf of their own, for their .grad
+            part["puzzle_rows"] = part["puzzle_rows"].detach().requires_grad_()
+        part = step_fn(model, part, min_steps[rows], autocast, depth, decay)
         (part.loss / global_batch).backward()
         parts.append(dataclasses.replace(part, loss=part.loss.detach(),
                                          puzzle_grad=None if model.reads_demos else part.puzzle_rows.grad))
@@ -182,10 +193,10 @@ def all_reduce_step(ranks, params, result):
                                puzzle_grad=ranks.gather(result.puzzle_grad))
 
 
-def all_finite(*tensors):
-    """Whether every element is finite, with one host sync: the price of never applying an update computed
-    from a NaN or inf (a NaN or inf anywhere makes the sum non-finite). None, a tensor the run lacks, is skipped."""
-    return bool(torch.isfinite(torch.stack([t.detach().float().sum() for t in tensors if t is not None]).sum()))
+def finite(*tensors):
+    """Whether every element is finite, as a 0-dim bool tensor, so without a host sync: a NaN or inf anywhere makes
+    the sum non-finite. None, a tensor the run lacks, is skipped."""
+    return torch.isfinite(torch.stack([t.detach().float().sum() for t in tensors if t is not None]).sum())
 
 
 def depth_at(step, total, tcfg, mcfg):
@@ -216,11 +227,11 @@ def lr_at(step, total, cfg, base):
 @torch.no_grad()
 def puzzle_emb_step(table, ids, grad, lr, weight_decay):
     """Sign-SGD with decoupled weight decay on the rows used in the batch only (the reference's sparse
-    optimizer): gradients of repeated ids are summed first."""
-    uniq, inverse = ids.unique(return_inverse=True)
-    g = torch.zeros(len(uniq), grad.shape[-1], dtype=grad.dtype, device=grad.device)
-    g.index_add_(0, inverse, grad)
-    table[uniq] = table[uniq] * (1 - lr * weight_decay) - lr * g.sign()
+    optimizer): gradients of repeated ids are summed first, in batch order, at the id's first position (so no
+    host sync counts the distinct ids); every position of an id then writes the same new row."""
+    first = (ids[:, None] == ids).int().argmax(1)                     # [B] where each row's id first occurs
+    g = torch.zeros_like(grad).index_add_(0, first, grad)[first]      # [B, D] its id's summed gradient
+    table[ids] = table[ids] * (1 - lr * weight_decay) - lr * g.sign()
 
 
 def ema_copy(model):
@@ -230,9 +241,10 @@ def ema_copy(model):
 
 
 def adamw(model, tcfg, device):
-    # The reference uses Adam-atan2; plain AdamW is reported to reach the same accuracy (see README).
+    # The reference uses Adam-atan2; plain AdamW is reported to reach the same accuracy (see README). Fused: one
+    # kernel for all the weights, 7x faster than the foreach path on a CPU (1.2 vs 8.8 ms for the paper's model).
     return torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2),
-                             weight_decay=tcfg.weight_decay, fused=device.type == "cuda")
+                             weight_decay=tcfg.weight_decay, fused=device.type in ("cpu", "cuda"))
 
 
 @torch.no_grad()
@@ -244,8 +256,7 @@ def update(optimizer, model, ema_params, result, step, total, tcfg):
     if result.puzzle_grad is not None:     # None: the encoder, whose weights AdamW has just updated
         puzzle_emb_step(model.puzzle_emb, result.puzzle_ids, result.puzzle_grad,
                         lr_at(step, total, tcfg, tcfg.puzzle_emb_lr), tcfg.puzzle_emb_weight_decay)
-    for e, p in zip(ema_params, model.parameters()):
-        e.lerp_(p, 1 - tcfg.ema)
+    torch._foreach_lerp_(list(ema_params), list(model.parameters()), 1 - tcfg.ema)
 
 
 def train(tcfg, mcfg, resume_state=None):
@@ -268,14 +279,19 @@ def train(tcfg, mcfg, resume_state=None):
                                       run.autocast, depth, tcfg.supervision_decay)
             result = all_reduce_step(run.ranks, run.params, result)
             grads = [p.grad for p in run.params if p.grad is not None]
-            if not all_finite(result.loss, result.puzzle_grad, *grads):
+            # The step's one host sync: whether its loss and gradients are finite, read with whether the last
+            # update left the weights finite (never applying an update computed from a NaN or inf).
+            step_finite, weights_finite = torch.stack((finite(result.loss, result.puzzle_grad, *grads),
+                                                       run.weights_finite)).tolist()
+            run.stop_if_weights_nonfinite(weights_finite)
+            if not step_finite:
                 run.skip_nonfinite()                   # or StopTraining, past --skip-nonfinite steps
                 run.optimizer.zero_grad(set_to_none=True)
                 run.carry = None                       # the states in flight may be non-finite too: refill them all
                 continue
             update(run.optimizer, model, run.ema_model.parameters(), result, run.step, run.total_steps, tcfg)
-            run.stop_if_weights_nonfinite(result, lr)
             run.step += 1
+            run.updated(result, lr)
             run.carry = result.carry
             run.log_step(result.stats, lr, depth)
             if run.due(tcfg.eval_interval):
@@ -600,7 +616,11 @@ def micro_batch_size(tcfg, mcfg, device, world=1):
         return local
     pairs = 10 * mcfg.encoder_layers if mcfg.task_embedding == "encoder" else 0
     per_row = 160 * ((mcfg.n + 1) * mcfg.n_layers + pairs) * (mcfg.puzzle_emb_len + mcfg.seq_len) * mcfg.d_model
-    return max(1, min(local, int(6e9 // per_row)))
+    most = max(1, min(local, int(6e9 // per_row)))
+    # Equal micro-batches where a divisor of the batch allows (64 rows as 32 + 32, not 53 + 11): a smaller last
+    # one costs a second compile of the step, and runs its matmuls at a worse shape.
+    even = max(d for d in range(1, most + 1) if local % d == 0)
+    return even if 2 * even > most else most
 
 
 
@@ -636,6 +656,16 @@ def setup_runtime(tcfg):
     if compile_on:         # each (n, T, N_sup) of a training depth schedule compiles once: keep them all
         limit = torch._dynamo.config.recompile_limit
         torch._dynamo.config.recompile_limit = max(limit, 2 * depth_count(tcfg))
+    # Same seed, same weights: inductor writes scatter-adds (the token embedding's backward) as atomic adds, whose
+    # order varies from run to run; in this mode it calls ATen's ordered kernel instead. The mode's NaN fill of
+    # every new tensor, a guard for code that reads memory it never wrote (none here), took 2% of a cpu step.
+    # CUDA's cuBLAS needs the workspace setting for it, before its first use.
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    if device.type == "cpu":
+        keep_freed_memory()
     if tcfg.threads:       # capped at the machine's: a checkpoint may come from a bigger one, and 10^5 crashes torch
         torch.set_num_threads(min(tcfg.threads, os.cpu_count() or 1))
     if device.type == "cuda":
@@ -643,6 +673,18 @@ def setup_runtime(tcfg):
     # bf16 forward with float32 master weights: autocast casts each weight once per region.
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     return device, dtype, compile_on, autocast
+
+
+def keep_freed_memory():
+    """glibc hands large freed blocks back to the system (munmap, heap trimming), so every training step faulted
+    its buffers in again: 135,000 page faults and 10% of a compiled step at the paper's shapes spent in the
+    kernel. Served from the heap and never trimmed, freed memory stays mapped for the next step's buffers."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):     # not glibc: macOS, musl
+        return
+    mallopt(-4, 0)          # M_MMAP_MAX: no allocation gets a mapping of its own
+    mallopt(-1, 2 ** 30)    # M_TRIM_THRESHOLD: keep up to 1 GB free at the top of the heap
 
 
 @functools.lru_cache(maxsize=None)
@@ -769,6 +811,8 @@ class Run:
     steps_logged: int = 0
     folder: object = None         # the OutputFolder of --out, claimed by rank 0
     eval_seconds: float = 0.0     # spent in periodic evaluations, left out of train_seconds
+    weights_finite: torch.Tensor = None    # whether the last update left the weights finite, not yet read
+    last_lr: float = 0.0          # the last update's learning rate, for the message if it did not
 
     @property
     def params(self):
@@ -822,7 +866,8 @@ class Run:
             + (f" in micro-batches of {micro} rows (gradients accumulated)"
                if micro * ranks.world < tcfg.batch_size else ""))
         run = cls(tcfg, mcfg, task, ranks, log, device, autocast, compile_on, test_ds, model, ema_model,
-                  optimizer, batches, total_steps, micro, last_ckpt=tcfg.resume)
+                  optimizer, batches, total_steps, micro, last_ckpt=tcfg.resume,
+                  weights_finite=torch.ones((), dtype=torch.bool, device=device))
         if resume_state is not None:
             restore_training(run, resume_state)
             if run.step >= total_steps:
@@ -854,11 +899,18 @@ class Run:
         self.log(f"step {self.step + 1}: non-finite loss or gradient, skipped "
                  f"({self.skipped} of at most {self.tcfg.skip_nonfinite})")
 
-    def stop_if_weights_nonfinite(self, result, lr):
-        """After an update: NaN or inf weights, EMA or updated puzzle-embedding rows stop the run before a save."""
+    def updated(self, result, lr):
+        """After an update: whether the weights, EMA and updated puzzle-embedding rows are finite, kept as a tensor
+        and read (a host sync) with the next step's check, or before a save or an evaluation."""
         rows = None if result.puzzle_grad is None else self.model.puzzle_emb[result.puzzle_ids]
-        if not all_finite(*self.params, *self.ema_model.parameters(), rows):
-            raise StopTraining(f"step {self.step + 1} made the weights non-finite (learning rate {lr:g}), so "
+        self.weights_finite, self.last_lr = finite(*self.params, *self.ema_model.parameters(), rows), lr
+
+    def stop_if_weights_nonfinite(self, weights_finite=None):
+        """NaN or inf weights stop the run before anything uses them; weights_finite: the value already read."""
+        if weights_finite is None:
+            weights_finite = bool(self.weights_finite)
+        if not weights_finite:
+            raise StopTraining(f"step {self.step} made the weights non-finite (learning rate {self.last_lr:g}), so "
                                f"training stopped; the last checkpoint, {self.last_ckpt or 'none yet'}, "
                                f"is intact")
 
@@ -870,7 +922,7 @@ class Run:
         quiet = now - self.last_log < self.tcfg.log_interval and self.step < self.total_steps
         if quiet or not self.ranks.main:
             return
-        s = {k: float(v) for k, v in self.sums.items()}
+        s = dict(zip(self.sums, torch.stack([v.double() for v in self.sums.values()]).tolist()))    # one host sync
         halted, per_sample = s["halted"], self.steps_logged * B
         rate = (self.step - self.start_step) * B / (now - self.t0)
         eta = (self.total_steps - self.step) * B / max(rate, 1e-9)
@@ -894,6 +946,7 @@ class Run:
 
     def evaluate(self):
         """The EMA weights on the held-out puzzles (evaluate.during_training); the log and curves.png redrawn."""
+        self.stop_if_weights_nonfinite()
         t = time.time()
         res, line, scores = evaluate.during_training(self.task, self.tcfg, self.ema_model, self.test_ds, self.device,
                                                      self.autocast, self.ranks,
@@ -911,6 +964,7 @@ class Run:
     def save(self):
         """A checkpoint (training_state); the newest two are kept. Every rank takes part. The first one ends the
         files of a run this one replaces (OutputFolder.drop_replaced)."""
+        self.stop_if_weights_nonfinite()
         state = training_state(self)
         if state is None:
             return None
@@ -1304,9 +1358,11 @@ def bench(tcfg, mcfg):
         per_step = timed(tcfg.bench_steps) / tcfg.bench_steps
         memory = peak_memory(device)
         achieved, peak = flops * B / per_step, matmul_peak(device, dtype)
+        share = matmul_share(lambda: step(batch), device)
         print(f"{variant:>18}: {B / per_step:8,.1f} samples/s | {1000 * per_step:9,.1f} ms/step | "
               f"peak memory {memory / 1e9:5.2f} GB | {achieved / 1e12:6.3f} TFLOP/s = {achieved / peak:5.1%} "
-              f"MFU of {peak / 1e12:.3f} TFLOP/s measured {dtype} matmul | warm-up (compile) {warm:.0f}s"
+              f"MFU of {peak / 1e12:.3f} TFLOP/s measured {dtype} matmul | matrix products {share:.0%} of the "
+              f"step, the rest {1 - share:.0%} | warm-up (compile) {warm:.0f}s"
               + (f", micro-batches of {micro}" if micro < B else ""), flush=True)
 
 
@@ -1326,6 +1382,27 @@ def bench_step(model, tcfg, device, autocast, compile_on, micro):
         update(optimizer, model, ema_params, result, 0, 1, tcfg)
         carry = result.carry
     return step
+
+
+def matmul_share(step, device):
+    """The share of one more step's time spent in matrix products, from torch's profiler: the self time of the
+    matmul ops and attention kernels (on a GPU their kernels' time) over the step's time. The rest is
+    elementwise work (SiLU, norms, RoPE, casts, copies), the loss, the optimizer and Python."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        synchronize(device)
+        t = time.perf_counter()
+        step()
+        synchronize(device)
+        wall = time.perf_counter() - t
+    events = prof.key_averages()
+
+    def busy(e):     # microseconds
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+    matmuls = sum(busy(e) for e in events if e.key in ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
+                  or "attention" in e.key and e.key != "aten::scaled_dot_product_attention")
+    return min(1.0, matmuls / 1e6 / (wall if not cuda else sum(busy(e) for e in events) / 1e6))
 
 
 def synchronize(device):
