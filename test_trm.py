@@ -7,6 +7,7 @@ the previous one); then training, data, each task, evaluation, whole runs, relia
 """
 import ast
 import contextlib
+import dataclasses
 import errno
 import glob
 import hashlib
@@ -440,6 +441,20 @@ def test_micro_batches_accumulate_the_whole_batch_gradient():
 
 
 
+def test_micro_batches_fit_the_device_memory(monkeypatch):
+    sudoku_t, sudoku_m = train.resolve_config({"task": "sudoku", "preset": "paper"})
+    arc_t, arc_m = train.resolve_config({"task": "arc", "preset": "paper", "task_embedding": "encoder"})
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train.micro_batch_size(sudoku_t, sudoku_m, cpu) == 48       # 53 rows fit 6 GB; 48 divides 768
+    monkeypatch.setattr(train, "gpu_memory", lambda device: 141e9)      # an H200
+    assert train.micro_batch_size(sudoku_t, sudoku_m, cuda) == 768     # 34 GB measured there, compiled bf16
+    micro = train.micro_batch_size(arc_t, arc_m, cuda)                  # the whole batch ran out of memory there
+    assert 1 < micro < 768 and 768 % micro == 0
+    assert train.micro_batch_size(arc_t, arc_m, cuda, world=4) == min(micro, 192)
+    assert train.micro_batch_size(dataclasses.replace(arc_t, micro_batch=100), arc_m, cuda) == 100
+
+
+
 # --------------------------------------------------------------------------------------------- the model's shape
 
 @pytest.mark.parametrize("kw,count", [
@@ -769,6 +784,17 @@ def test_two_compiled_runs_of_one_seed_train_bit_identical_weights(workdir):
     for key in ("model", "ema"):
         for k, value in a[key].items():
             assert torch.equal(value, b[key][k]), f"{key} {k} differs between two runs of one seed"
+
+
+def test_deterministic_algorithms_follow_the_setting():
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        for on in (False, True):
+            tcfg, _ = train.resolve_config(train.parse_args(["--device", "cpu"] + ["--no-deterministic"] * (not on)))
+            train.setup_runtime(tcfg)
+            assert torch.are_deterministic_algorithms_enabled() == on
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=True)
 
 
 def test_without_a_working_cpu_compiler_the_run_goes_on_eagerly(monkeypatch, capsys):

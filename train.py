@@ -351,6 +351,7 @@ class TrainConfig(DataConfig):
     compile: str = "auto"                # on for CUDA, off elsewhere
     device: str = "auto"                 # cuda, then mps, then cpu
     threads: int = 0                     # CPU threads, 0 = torch's default
+    deterministic: bool = True           # the same weights from the same seed (off: faster where that costs)
     seed: int = 0
     resume: str = ""                     # a checkpoint path, or "auto" for the newest complete one in --out
     overwrite: bool = False
@@ -605,23 +606,32 @@ def fit_to_data(mcfg, ds, fresh):
 
 
 def micro_batch_size(tcfg, mcfg, device, world=1):
-    """Rows per forward/backward: the whole batch on a GPU; on a CPU few enough that the activations kept for
-    the backward pass stay near 6 GB. Measured: about 160 bytes per (net call with gradient) x layer x
-    position x width in float32, i.e. 112 MB per row of the paper's Sudoku model (22 GB peak at 168 rows). The
-    DemoEncoder adds its layers for each of a row's pairs, padded to the most of any task: 10 in ARC-AGI-1."""
+    """Rows per forward/backward: few enough that the activations kept for the backward pass stay near 6 GB on a
+    CPU, or 60% of a GPU's memory. Measured: about 160 bytes per (net call with gradient) x layer x position x
+    width in float32, i.e. 112 MB per row of the paper's Sudoku model (22 GB peak at 168 rows on a CPU, 81 GB at
+    768 on a GPU), about half that in bf16 on a GPU (34 GB at 768, compiled). The DemoEncoder adds its layers for
+    each of a row's pairs, padded to the most of any task: 10 in ARC-AGI-1."""
     local = tcfg.batch_size // world
     if tcfg.micro_batch:
         return min(tcfg.micro_batch, local)
-    if device.type != "cpu":
+    if device.type not in ("cpu", "cuda"):
         return local
     pairs = 10 * mcfg.encoder_layers if mcfg.task_embedding == "encoder" else 0
     per_row = 160 * ((mcfg.n + 1) * mcfg.n_layers + pairs) * (mcfg.puzzle_emb_len + mcfg.seq_len) * mcfg.d_model
-    most = max(1, min(local, int(6e9 // per_row)))
+    budget = 6e9
+    if device.type == "cuda":
+        budget = 0.6 * gpu_memory(device)
+        per_row //= 2 if tcfg.dtype in ("auto", "bfloat16") else 1
+    most = max(1, min(local, int(budget // per_row)))
     # Equal micro-batches where a divisor of the batch allows (64 rows as 32 + 32, not 53 + 11): a smaller last
     # one costs a second compile of the step, and runs its matmuls at a worse shape.
     even = max(d for d in range(1, most + 1) if local % d == 0)
     return even if 2 * even > most else most
 
+
+
+def gpu_memory(device):
+    return torch.cuda.get_device_properties(device).total_memory
 
 
 # ------------------------------------------------------------------------------ devices and torchrun's processes
@@ -657,12 +667,13 @@ def setup_runtime(tcfg):
         limit = torch._dynamo.config.recompile_limit
         torch._dynamo.config.recompile_limit = max(limit, 2 * depth_count(tcfg))
     # Same seed, same weights: inductor writes scatter-adds (the token embedding's backward) as atomic adds, whose
-    # order varies from run to run; in this mode it calls ATen's ordered kernel instead. The mode's NaN fill of
-    # every new tensor, a guard for code that reads memory it never wrote (none here), took 2% of a cpu step.
-    # CUDA's cuBLAS needs the workspace setting for it, before its first use.
-    if device.type == "cuda":
+    # order varies from run to run; in this mode it calls ATen's ordered kernel instead, and on a GPU it keeps to
+    # kernel configurations that no timing chooses. The mode's NaN fill of every new tensor, a guard for code that
+    # reads memory it never wrote (none here), took 2% of a cpu step. cuBLAS needs the workspace setting for it,
+    # before its first use.
+    if device.type == "cuda" and tcfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(tcfg.deterministic, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False
     if device.type == "cpu":
         keep_freed_memory()
@@ -1127,7 +1138,7 @@ def find_checkpoint(resume, out):
 # What a resumed run may change: how it runs, logs, evaluates and saves, and how long it trains. Every other setting
 # changes what is computed, and --resume continues a run exactly.
 RESUMABLE = ("out", "resume", "max_steps", "epochs", "log_interval", "eval_interval", "eval_limit",
-             "checkpoint_interval", "threads", "device", "compile", "micro_batch", "skip_nonfinite")
+             "checkpoint_interval", "threads", "device", "compile", "micro_batch", "skip_nonfinite", "deterministic")
 
 
 def resumed_config(given, tcfg):
