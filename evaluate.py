@@ -178,7 +178,8 @@ def load_for_eval(path, task=None):
     paper preset's). The model must read the data its settings build: a checkpoint edited into another task, or a
     reference state_dict given the wrong --task, is one sentence."""
     raw = read_torch_file(path)
-    if isinstance(raw, dict) and any(str(k).removeprefix("_orig_mod.").startswith("inner.") for k in raw):
+    reference = isinstance(raw, dict) and any(str(k).removeprefix("_orig_mod.").startswith("inner.") for k in raw)
+    if reference:
         task = task or "sudoku"
         if not all(torch.is_tensor(v) for v in raw.values()):
             raise DataError(f"reference checkpoint {path} holds values that are not tensors; expected a state_dict")
@@ -189,27 +190,24 @@ def load_for_eval(path, task=None):
                             f"this model matches; expected a state_dict saved by the reference code") from None
         check_finite(sd, f"reference checkpoint {path}", "weights")
         mcfg, train_config = reference_config(sd, task, path), reference_settings(task)
-        fits = "the reference model its shapes describe"
     else:
         state = read_checkpoint(path, raw)
         mcfg, train_config = TRMConfig(**state["model_config"]), state["train_config"]
         sd = {**state["model"], **state["ema"]}   # EMA parameters, the live puzzle-embedding buffer
         sd["puzzle_emb"] = state["model"].get("puzzle_emb")
-        fits = "its own model config"
     dcfg = DataConfig.of(train_config)
     data_shape, model_shape = importlib.import_module(dcfg.task).shape(dcfg), (mcfg.vocab_size, mcfg.seq_len)
     if data_shape != model_shape:
         raise DataError(f"checkpoint {path} holds a model of {model_shape[1]} tokens over {model_shape[0]} symbols, "
                         f"but {dcfg.task} data of its settings has {data_shape[1]} over {data_shape[0]}; expected "
-                        + ("the --task it was trained on" if fits != "its own model config" else
-                           "the settings it was saved with"))
+                        + ("the --task it was trained on" if reference else "the settings it was saved with"))
     model = TRM(mcfg)
     missing = [k for k in model.state_dict() if k not in sd]
-    if missing and fits != "its own model config":
+    if missing and reference:
         raise DataError(f"reference checkpoint {path} lacks {reference_name(missing[0])} ({len(missing)} missing); "
                         f"expected a whole state_dict saved by the reference code")
-    load_weights(model, sd, path, fits)
-    return model.eval(), dcfg, fits != "its own model config"
+    load_weights(model, sd, path, "the reference model its shapes describe" if reference else "its own model config")
+    return model.eval(), dcfg, reference
 
 
 # ---------------------------------------------------------------------------------------- the test rows

@@ -553,7 +553,7 @@ def check_memory(mcfg, device):
     with torch.device("meta"):
         params = TRM(mcfg).num_params()
     if device.type == "cuda":
-        have, where = torch.cuda.get_device_properties(device).total_memory, f"{device} has"
+        have, where = gpu_memory(device), f"{device} has"
     elif device.type == "cpu":
         have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine has"
     else:
@@ -627,7 +627,6 @@ def micro_batch_size(tcfg, mcfg, device, world=1):
     # one costs a second compile of the step, and runs its matmuls at a worse shape.
     even = max(d for d in range(1, most + 1) if local % d == 0)
     return even if 2 * even > most else most
-
 
 
 def gpu_memory(device):
@@ -1409,11 +1408,12 @@ def matmul_share(step, device):
         wall = time.perf_counter() - t
     events = prof.key_averages()
 
-    def busy(e):     # microseconds
-        return e.self_device_time_total if cuda else e.self_cpu_time_total
+    def busy(e):     # seconds
+        return (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6
     matmuls = sum(busy(e) for e in events if e.key in ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")
                   or "attention" in e.key and e.key != "aten::scaled_dot_product_attention")
-    return min(1.0, matmuls / 1e6 / (wall if not cuda else sum(busy(e) for e in events) / 1e6))
+    # a GPU's step is its kernels' time; a CPU's, the wall clock (its Python and waits included)
+    return min(1.0, matmuls / (sum(busy(e) for e in events) if cuda else wall))
 
 
 def synchronize(device):
