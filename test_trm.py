@@ -2162,7 +2162,7 @@ def test_a_training_line_with_no_halted_puzzle_has_no_exact_accuracy_not_zero(wo
 
 
 def test_resume_accepts_and_lists_only_settings_that_change_nothing_computed(damaged, capsys):
-    run_train("--max-steps", "1", "--out", "resumed_notes")
+    run_train("--max-steps", "1", "--checkpoint-interval", "500", "--out", "resumed_notes")
     run_train("--max-steps", "2", "--eval-interval", "1", "--checkpoint-interval", "7", "--resume", "auto", "--out",
               "resumed_notes")
     out = capsys.readouterr().out
