@@ -786,15 +786,25 @@ def test_two_compiled_runs_of_one_seed_train_bit_identical_weights(workdir):
             assert torch.equal(value, b[key][k]), f"{key} {k} differs between two runs of one seed"
 
 
-def test_deterministic_algorithms_follow_the_setting():
+def test_the_deterministic_setting_decides_how_inductor_sums_a_scatter():
+    # The token embedding's backward is a scatter-add. Inductor writes it as atomic adds, whose order varies from
+    # run to run, unless the run asks for determinism (the default), when it calls ATen's ordered kernel.
+    from torch._inductor.utils import run_and_get_code
+
+    def scatter_add(table, ids, grad):
+        return torch.zeros_like(table).index_put_((ids,), grad, accumulate=True)
+    ids = torch.randint(0, 11, (64,), generator=torch.Generator().manual_seed(0))
     was = torch.are_deterministic_algorithms_enabled()
     try:
         for on in (False, True):
             tcfg, _ = train.resolve_config(train.parse_args(["--device", "cpu"] + ["--no-deterministic"] * (not on)))
             train.setup_runtime(tcfg)
-            assert torch.are_deterministic_algorithms_enabled() == on
+            torch._dynamo.reset()
+            _, code = run_and_get_code(torch.compile(scatter_add), torch.zeros(11, 8), ids, torch.randn(64, 8))
+            assert ("atomic_add" in "".join(code)) == (not on)
     finally:
         torch.use_deterministic_algorithms(was, warn_only=True)
+        torch._dynamo.reset()
 
 
 def test_without_a_working_cpu_compiler_the_run_goes_on_eagerly(monkeypatch, capsys):

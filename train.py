@@ -621,7 +621,8 @@ def micro_batch_size(tcfg, mcfg, device, world=1):
     budget = 6e9
     if device.type == "cuda":
         budget = 0.6 * gpu_memory(device)
-        per_row //= 2 if tcfg.dtype in ("auto", "bfloat16") else 1
+        if tcfg.dtype in ("auto", "bfloat16"):
+            per_row //= 2
     most = max(1, min(local, int(budget // per_row)))
     # Equal micro-batches where a divisor of the batch allows (64 rows as 32 + 32, not 53 + 11): a smaller last
     # one costs a second compile of the step, and runs its matmuls at a worse shape.
